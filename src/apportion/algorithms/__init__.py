@@ -1,0 +1,9 @@
+"""Test-time algorithms: one per module, all sharing the base sampling loop and voting."""
+
+from apportion.algorithms.base import Algorithm, SamplingOptions
+from apportion.algorithms.best_of_n import BestOfN, BestOfNOptions
+from apportion.algorithms.registry import ALGORITHMS, make_algorithm
+from apportion.algorithms.self_consistency import SelfConsistency, SelfConsistencyOptions
+
+__all__ = ["ALGORITHMS", "Algorithm", "BestOfN", "BestOfNOptions", "SamplingOptions",
+           "SelfConsistency", "SelfConsistencyOptions", "make_algorithm"]

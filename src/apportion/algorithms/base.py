@@ -1,0 +1,204 @@
+"""What all algorithms share: options for sampling, the per-run context, the sampling loop.
+
+An algorithm is options plus ``stream(lm, prompt, budget)``, an async iterator of interim
+Results ending with the final one; ``run`` drains it. The budget is either a Budget (a fresh
+ledger is opened) or a Ledger (a sub-budget handed down by a caller, whose spend rolls up).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from apportion._sync import run_sync
+from apportion.answers.equivalence import Equivalence
+from apportion.answers.extract import extract_answer
+from apportion.answers.normalize import normalize_answer
+from apportion.budget.ledger import Ledger
+from apportion.budget.units import Budget
+from apportion.errors import BudgetError, BudgetExhausted, ConfigError
+from apportion.lm.base import Backend, Prompt, Sample, SamplingParams
+from apportion.lm.metered import MeteredLM
+from apportion.result import Candidate, Result
+
+DEFAULT_SYSTEM_PROMPT = (
+    "Solve the problem step by step. End your reply with a final line of the form "
+    "'The answer is X', where X is the final answer."
+)
+# Without a generation limit (a token, dollar or time budget only), samples are drawn this many
+# at a time until the budget refuses the next batch.
+DEFAULT_BATCH = 8
+# A seed per call, so that rounds of sampling never repeat one another.
+_SEED_STRIDE = 7919
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    """How candidate solutions are sampled (shared by every sampling-based algorithm)."""
+
+    max_tokens: int = 512
+    temperature: float = 0.8
+    top_p: float = 0.95
+    stop: tuple[str, ...] = ()
+    batch_size: int | None = None
+    """Samples per call; None: all the generations the budget allows at once (8 per call when
+    the budget sets no generation limit)."""
+    min_tokens: int = 32
+    """Do not start a sample the budget cannot give this many tokens (it would not finish)."""
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    logprobs: bool = True
+
+    def __post_init__(self) -> None:
+        SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                       stop=self.stop)  # validates the shared fields with one message set
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.min_tokens < 1:
+            raise ConfigError(f"min_tokens must be >= 1, got {self.min_tokens}")
+
+
+@dataclass(slots=True)
+class RunContext:
+    """Everything one run of one algorithm on one prompt needs."""
+
+    lm: MeteredLM
+    prompt: Prompt
+    question: str
+    budget: Budget
+    seed: int | None
+    equivalence: Equivalence
+    algorithm: str
+    options: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.lm.ledger
+
+    def candidate(self, sample: Sample) -> Candidate:
+        found = extract_answer(sample.text)
+        if found is None:
+            return Candidate.from_sample(sample, None, None, None)
+        return Candidate.from_sample(sample, normalize_answer(found.text), found.text, found.method)
+
+    def result(self, *, answer: str | None, response: str | None, candidates: Sequence[Candidate],
+               distribution: dict[str, float], final: bool) -> Result:
+        ledger = self.ledger
+        return Result(
+            answer=answer,
+            response=response,
+            algorithm=self.algorithm,
+            candidates=tuple(candidates),
+            distribution=distribution,
+            spent=ledger.spend(),
+            budget=self.budget,
+            exhausted=ledger.exhausted,
+            exhausted_reason=ledger.exhausted_reason,
+            final=final,
+            seed=self.seed,
+            backend=self.lm.backend.name,
+            model=self.lm.backend.model,
+            trace=tuple(ledger.trace),
+            notes=tuple(self.notes),
+            options=self.options,
+        )
+
+
+class Algorithm(ABC):
+    """Base of all algorithms. Subclasses set ``name`` and implement ``stream``."""
+
+    name: ClassVar[str]
+
+    def __init__(self, *, equivalence: Equivalence | None = None) -> None:
+        self.equivalence = equivalence or Equivalence()
+
+    @abstractmethod
+    def stream(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, *,
+               seed: int | None = None) -> AsyncIterator[Result]:
+        """Interim results as the work proceeds; the last one has ``final=True``."""
+
+    async def run(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, *,
+                  seed: int | None = None) -> Result:
+        last: Result | None = None
+        async for result in self.stream(lm, prompt, budget, seed=seed):
+            last = result
+        if last is None or not last.final:  # pragma: no cover - every stream ends with a final result
+            raise RuntimeError(f"{self.name} ended without a final result")
+        return last
+
+    def run_sync(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, *,
+                 seed: int | None = None) -> Result:
+        """``run`` for synchronous callers; works inside a running event loop (notebooks) too."""
+        return run_sync(self.run(lm, prompt, budget, seed=seed))
+
+    def options_dict(self) -> dict[str, Any]:
+        options = getattr(self, "options", None)
+        return asdict(options) if options is not None else {}
+
+    def context(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, seed: int | None,
+                system_prompt: str | None) -> RunContext:
+        if isinstance(budget, Ledger):
+            ledger = budget
+        elif isinstance(budget, Budget):
+            ledger = Ledger(budget)
+        else:
+            raise BudgetError(f"budget must be a Budget or a Ledger, got {type(budget).__name__}")
+        _check_budget_can_bind(ledger.budget, lm)
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ConfigError("the prompt is empty")
+            question, prompt_obj = prompt, Prompt.chat(prompt, system=system_prompt)
+        elif isinstance(prompt, Prompt):
+            prompt_obj = prompt
+            users = [m.content for m in prompt.messages if m.role == "user"]
+            question = users[-1] if users else (prompt.text or "")
+        else:
+            raise ConfigError(f"prompt must be a string or a Prompt, got {type(prompt).__name__}")
+        return RunContext(MeteredLM(lm, ledger), prompt_obj, question, ledger.budget, seed,
+                          self.equivalence, self.name, self.options_dict())
+
+
+def _check_budget_can_bind(budget: Budget, lm: Backend) -> None:
+    """A dollar-only budget on a free model would never stop: refuse it up front."""
+    limits = set(budget.limits())
+    if limits == {"usd"} and lm.price.free:
+        raise BudgetError(
+            f"a dollar budget cannot limit {lm.model!r}: it has no price (set one with --price "
+            "or a price table), or add a generation, token or time limit"
+        )
+
+
+async def sample_batches(ctx: RunContext, opts: SamplingOptions) -> AsyncIterator[list[Candidate]]:
+    """Draw candidates in calls of as many samples as the budget allows, until it refuses.
+
+    One call carries many samples (``n``), never one call per sample: the backend batches them.
+    """
+    caps = ctx.lm.backend.capabilities
+    call = 0
+    while True:
+        left = ctx.ledger.remaining().generations
+        if left is not None and left < 1:
+            ctx.ledger.exhausted_reason = ctx.ledger.exhausted_reason or "generations: none left"
+            return
+        n = left if left is not None else (opts.batch_size or DEFAULT_BATCH)
+        if opts.batch_size is not None:
+            n = min(n, opts.batch_size)
+        params = SamplingParams(
+            n=n,
+            max_tokens=opts.max_tokens,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            stop=opts.stop,
+            seed=None if ctx.seed is None else ctx.seed + _SEED_STRIDE * call,
+            logprobs=opts.logprobs and caps.logprobs,
+        )
+        try:
+            completion = await ctx.lm.generate(ctx.prompt, params, min_tokens=opts.min_tokens)
+        except BudgetExhausted:
+            return
+        call += 1
+        yield [ctx.candidate(s) for s in completion.samples]
+        if not completion.samples or any(s.finish_reason == "deadline" for s in completion.samples):
+            return

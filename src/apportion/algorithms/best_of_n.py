@@ -1,0 +1,89 @@
+"""Best-of-N and weighted best-of-N with a pluggable outcome scorer.
+
+Best-of-N answers with the highest-scored candidate that has an answer. Weighted best-of-N sums
+scores per distinct answer (Li et al. 2023's weighted voting), which is more robust when the
+scorer is noisy. Budget meaning: one generation per candidate; the scorer's own calls are
+charged tokens, dollars and time. Candidates are scored batch by batch as they arrive, so a
+budget that runs out mid-way still leaves scored candidates to choose from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+
+from apportion.algorithms.base import Algorithm, RunContext, SamplingOptions, sample_batches
+from apportion.algorithms.voting import tally
+from apportion.answers.equivalence import Equivalence
+from apportion.budget.ledger import Ledger
+from apportion.budget.units import Budget
+from apportion.errors import ConfigError
+from apportion.lm.base import Backend, Prompt
+from apportion.result import Candidate, Result
+from apportion.reward.base import OutcomeScorer
+from apportion.reward.self_certainty import SelfCertainty
+
+
+@dataclass(frozen=True, slots=True)
+class BestOfNOptions:
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    weighted: bool = False
+
+
+class BestOfN(Algorithm):
+    name = "best-of-n"
+
+    def __init__(self, options: BestOfNOptions | None = None, *, scorer: OutcomeScorer | None = None,
+                 equivalence: Equivalence | None = None) -> None:
+        super().__init__(equivalence=equivalence)
+        self.options = options or BestOfNOptions()
+        self.scorer = scorer or SelfCertainty()
+        if self.options.weighted:
+            self.name = "weighted-best-of-n"
+
+    def options_dict(self) -> dict[str, object]:
+        return {**super().options_dict(), "scorer": self.scorer.name}
+
+    async def stream(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, *,
+                     seed: int | None = None) -> AsyncIterator[Result]:
+        opts = self.options.sampling
+        if self.scorer.needs_logprobs and not (opts.logprobs and lm.capabilities.logprobs):
+            raise ConfigError(
+                f"scorer {self.scorer.name!r} needs token log-probabilities, which backend "
+                f"{lm.name} ({lm.model}) does not return; use the judge scorer instead"
+            )
+        ctx = self.context(lm, prompt, budget, seed, opts.system_prompt)
+        candidates: list[Candidate] = []
+        async for batch in sample_batches(ctx, opts):
+            scores = await self.scorer.score(ctx.lm, ctx.question, batch)
+            candidates.extend(replace(c, score=s) for c, s in zip(batch, scores))
+            yield self._select(ctx, candidates, final=False)
+        yield self._select(ctx, candidates, final=True)
+
+    def _select(self, ctx: RunContext, candidates: Sequence[Candidate], final: bool) -> Result:
+        scores = [c.score for c in candidates]
+        if not any(s is not None and c.answer is not None for s, c in zip(scores, candidates)):
+            t = tally(candidates, ctx.equivalence)
+            if candidates and final:
+                ctx.notes.append("no candidate with an answer could be scored: fell back to majority vote")
+            return self._result(ctx, t.winner, t.winner_index, t.candidates, t.distribution, final)
+        if self.options.weighted:
+            t = tally(candidates, ctx.equivalence, weights=scores)
+            return self._result(ctx, t.winner, t.winner_index, t.candidates, t.distribution, final)
+        t = tally(candidates, ctx.equivalence)
+        best = max(
+            (i for i, c in enumerate(candidates) if c.answer is not None and c.score is not None),
+            key=lambda i: (candidates[i].score, -i),
+        )
+        top: dict[str, float] = {}
+        for c, group in zip(candidates, t.groups):
+            if group is not None and c.score is not None:
+                top[group] = max(top.get(group, 0.0), c.score)
+        distribution = dict(sorted(top.items(), key=lambda kv: -kv[1]))
+        return self._result(ctx, candidates[best].answer, best, t.candidates, distribution, final)
+
+    def _result(self, ctx: RunContext, answer: str | None, index: int | None,
+                candidates: Sequence[Candidate], distribution: dict[str, float], final: bool) -> Result:
+        response = candidates[index].text if index is not None else None
+        return ctx.result(answer=answer, response=response, candidates=candidates,
+                          distribution=distribution, final=final)

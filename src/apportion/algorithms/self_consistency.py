@@ -1,0 +1,49 @@
+"""Self-consistency (Wang et al., 2022): sample many solutions, answer with the majority answer.
+
+Budget meaning: one generation per sample. Tokens, dollars and seconds also bind; the loop stops
+when the ledger refuses the next batch. Every batch yields an interim result (anytime).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from apportion.algorithms.base import Algorithm, SamplingOptions, sample_batches
+from apportion.algorithms.voting import tally
+from apportion.answers.equivalence import Equivalence
+from apportion.budget.ledger import Ledger
+from apportion.budget.units import Budget
+from apportion.lm.base import Backend, Prompt
+from apportion.result import Candidate, Result
+
+
+@dataclass(frozen=True, slots=True)
+class SelfConsistencyOptions:
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+
+class SelfConsistency(Algorithm):
+    name = "self-consistency"
+
+    def __init__(self, options: SelfConsistencyOptions | None = None, *,
+                 equivalence: Equivalence | None = None) -> None:
+        super().__init__(equivalence=equivalence)
+        self.options = options or SelfConsistencyOptions()
+
+    async def stream(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, *,
+                     seed: int | None = None) -> AsyncIterator[Result]:
+        opts = self.options.sampling
+        ctx = self.context(lm, prompt, budget, seed, opts.system_prompt)
+        candidates: list[Candidate] = []
+
+        def current(final: bool) -> Result:
+            t = tally(candidates, ctx.equivalence)
+            response = candidates[t.winner_index].text if t.winner_index is not None else None
+            return ctx.result(answer=t.winner, response=response, candidates=t.candidates,
+                              distribution=t.distribution, final=final)
+
+        async for batch in sample_batches(ctx, opts):
+            candidates.extend(batch)
+            yield current(final=False)
+        yield current(final=True)

@@ -1,0 +1,93 @@
+"""Normalise extracted answers so that equal answers look equal before any symbolic check.
+
+"$1,000.00", "1000 dollars" and "1000" all become "1000"; "\\frac{3}{4}" and "3/4" become "3/4";
+"x = 5" becomes "5". Numbers get an exact canonical key (a Fraction), which lets voting group
+numeric answers without calling a symbolic verifier at all.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+_WRAPPERS = (
+    (re.compile(r"^\\\((.*)\\\)$", re.S), r"\1"),
+    (re.compile(r"^\\\[(.*)\\\]$", re.S), r"\1"),
+    (re.compile(r"^\$+(.*?)\$+$", re.S), r"\1"),
+    (re.compile(r"^\*\*(.*)\*\*$", re.S), r"\1"),
+)
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|mathrm|mbox|mathbf)\s*\{([^{}]*)\}")
+_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]+?)\s*\}\s*\{\s*([^{}]+?)\s*\}")
+_FRAC_SHORT = re.compile(r"\\[dt]?frac(\d)(\d)")
+_ASSIGN = re.compile(r"^[^=<>]+=\s*(?!=)([^=]+)$")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?:\D|$))")
+_NUMBER_WITH_UNIT = re.compile(
+    r"^([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*\d+)?)\s*(?:\\?%|[A-Za-z][A-Za-z .'\-]*)?$"
+)
+_CURRENCY = re.compile(r"^(?:\\\$|\$|USD\s*|US\$|€|£|rs\.?\s*)", re.IGNORECASE)
+_SPACE_CMDS = re.compile(r"\\[,;:! ]|\\quad|\\qquad|~")
+_DEGREES = re.compile(r"\^\s*\{?\\circ\}?|°")
+
+
+def normalize_answer(raw: str) -> str:
+    """A cleaned, comparable form of an extracted answer (never empty for non-empty input)."""
+    s = raw.strip()
+    for _ in range(3):  # wrappers nest: $\boxed{...}$, **$x$**
+        before = s
+        for pattern, repl in _WRAPPERS:
+            s = pattern.sub(repl, s).strip()
+        s = s.rstrip(".").strip()
+        if s == before:
+            break
+    s = _TEXT_CMD.sub(r" \1", s)
+    s = _SPACE_CMDS.sub(" ", s)
+    s = _DEGREES.sub("", s)
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "")
+    s = _FRAC.sub(r"\1/\2", s)
+    s = _FRAC_SHORT.sub(r"\1/\2", s)
+    assign = _ASSIGN.match(s)
+    if assign:
+        s = assign.group(1).strip()
+    s = _CURRENCY.sub("", s).strip()
+    s = _THOUSANDS.sub("", s)
+    numeric = _NUMBER_WITH_UNIT.match(s)
+    if numeric:
+        s = numeric.group(1)
+    s = re.sub(r"\s+", " ", s).strip()
+    value = numeric_value(s)
+    if value is not None:
+        return format_number(value)
+    return s or raw.strip()
+
+
+def numeric_value(text: str) -> Fraction | None:
+    """Exact value of a plain number or simple fraction ("-3", "2.50", "3/4", "-1/2"); else None."""
+    t = text.replace(" ", "")
+    if not t or len(t) > 40:
+        return None
+    try:
+        if "/" in t:
+            num, _, den = t.partition("/")
+            if not den or "." in den:
+                return None
+            value = Fraction(num) / Fraction(den) if Fraction(den) != 0 else None
+            return value
+        return Fraction(t)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def format_number(value: Fraction) -> str:
+    """Canonical text of a number: integers bare, terminating decimals without trailing zeros,
+    other rationals as p/q."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    den = value.denominator
+    for p in (2, 5):
+        while den % p == 0:
+            den //= p
+    if den == 1:
+        text = f"{float(value):.15f}".rstrip("0").rstrip(".")
+        if Fraction(text) == value:
+            return text
+    return f"{value.numerator}/{value.denominator}"

@@ -1,0 +1,329 @@
+"""The ledger: every call is reserved at its worst case before it is made and settled after.
+
+Reservation is what makes "never exceed the budget" hold for every algorithm: a call is only made
+once the ledger has set aside the most it could consume (n samples x max_tokens, plus the prompt,
+plus its price), clamping ``n`` and then ``max_tokens`` so that the worst case fits. Settling
+replaces the worst case by the real usage and frees the rest. Ledgers nest: a child reserves in its
+parent too, so a batch budget can hand sub-budgets to prompts and spend rolls up.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from apportion.budget.units import Budget, Price, Spend, Usage, to_fraction
+from apportion.errors import BudgetError
+
+_grant_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What a caller would like to spend on one backend call."""
+
+    n: int
+    max_tokens: int
+    prompt_tokens: int
+    """Upper bound of the prompt's tokens for one request (exact where the backend can count)."""
+    prompt_shared: bool = True
+    """True where the n samples are charged the prompt once (native ``n``), False where each
+    sample is a separate request that pays for the prompt again."""
+    price: Price = field(default_factory=Price)
+    scorer: bool = False
+    """Scoring calls (judges) are charged tokens, dollars and time but not policy generations."""
+    min_tokens: int = 1
+    """Below this many output tokens a sample is not worth starting: refuse instead."""
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_tokens < 1 or self.prompt_tokens < 0 or self.min_tokens < 1:
+            raise BudgetError(f"invalid ask: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What the ledger allows for one call; ``worst`` is the usage set aside for it."""
+
+    id: int
+    n: int
+    max_tokens: int
+    worst: Usage
+    worst_usd: Fraction
+    price: Price
+    scorer: bool
+    clamped: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One settled call, for the trace of a Result."""
+
+    kind: str
+    model: str
+    n_asked: int
+    n_granted: int
+    max_tokens_asked: int
+    max_tokens_granted: int
+    usage: Usage
+    usd: float
+    latency_s: float
+    notes: tuple[str, ...] = ()
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model": self.model,
+            "n_asked": self.n_asked,
+            "n_granted": self.n_granted,
+            "max_tokens_asked": self.max_tokens_asked,
+            "max_tokens_granted": self.max_tokens_granted,
+            "generations": self.usage.generations,
+            "input_tokens": self.usage.input_tokens,
+            "output_tokens": self.usage.output_tokens,
+            "usage_estimated": self.usage.estimated,
+            "usd": self.usd,
+            "latency_s": round(self.latency_s, 4),
+            "notes": list(self.notes),
+            "error": self.error,
+        }
+
+
+@dataclass(slots=True)
+class _Tally:
+    generations: int = 0
+    scorer_generations: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usd: Fraction = Fraction(0)
+
+    def add(self, usage: Usage, usd: Fraction, scorer: bool, sign: int = 1) -> None:
+        if scorer:
+            self.scorer_generations += sign * usage.generations
+        else:
+            self.generations += sign * usage.generations
+        self.input_tokens += sign * usage.input_tokens
+        self.output_tokens += sign * usage.output_tokens
+        self.usd += sign * usd
+
+
+@dataclass(frozen=True, slots=True)
+class Remaining:
+    """What is left in each limited unit (None: unlimited), net of outstanding reservations."""
+
+    generations: int | None
+    input_tokens: int | None
+    output_tokens: int | None
+    total_tokens: int | None
+    usd: Fraction | None
+    seconds: float | None
+
+
+class Ledger:
+    """Concurrency-safe account of one budget. Create one per run (or ``child`` for a sub-budget)."""
+
+    def __init__(
+        self,
+        budget: Budget,
+        *,
+        parent: Ledger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.budget = budget
+        self.parent = parent
+        self._clock = clock
+        self._start = clock()
+        self._lock = threading.Lock()
+        self._spent = _Tally()
+        self._reserved = _Tally()
+        self._open: dict[int, Grant] = {}
+        self._calls = 0
+        self._estimated = False
+        self._last_settle = self._start
+        self.trace: list[CallRecord] = []
+        self.exhausted_reason: str | None = None
+        self._usd_limit = to_fraction(budget.usd) if budget.usd is not None else None
+
+    # -- queries -------------------------------------------------------------------------------
+
+    @property
+    def exhausted(self) -> bool:
+        return self.exhausted_reason is not None
+
+    def elapsed(self) -> float:
+        return self._clock() - self._start
+
+    def deadline(self) -> float | None:
+        """Absolute clock time by which all work must end (the tightest along the parent chain)."""
+        own = self._start + self.budget.seconds if self.budget.seconds is not None else None
+        up = self.parent.deadline() if self.parent is not None else None
+        if own is None:
+            return up
+        return own if up is None else min(own, up)
+
+    def seconds_left(self) -> float | None:
+        deadline = self.deadline()
+        return None if deadline is None else deadline - self._clock()
+
+    def remaining(self) -> Remaining:
+        with self._lock:
+            return self._remaining_locked()
+
+    def _remaining_locked(self) -> Remaining:
+        b, s, r = self.budget, self._spent, self._reserved
+
+        def left(limit: int | None, used: int) -> int | None:
+            return None if limit is None else limit - used
+
+        return Remaining(
+            generations=left(b.generations, s.generations + r.generations),
+            input_tokens=left(b.input_tokens, s.input_tokens + r.input_tokens),
+            output_tokens=left(b.output_tokens, s.output_tokens + r.output_tokens),
+            total_tokens=left(
+                b.total_tokens, s.input_tokens + s.output_tokens + r.input_tokens + r.output_tokens
+            ),
+            usd=None if self._usd_limit is None else self._usd_limit - s.usd - r.usd,
+            seconds=self.seconds_left(),
+        )
+
+    def spend(self) -> Spend:
+        with self._lock:
+            s = self._spent
+            return Spend(
+                generations=s.generations,
+                scorer_generations=s.scorer_generations,
+                input_tokens=s.input_tokens,
+                output_tokens=s.output_tokens,
+                usd=s.usd,
+                seconds=self.elapsed(),
+                calls=self._calls,
+                estimated=self._estimated,
+            )
+
+    # -- reserve / settle ----------------------------------------------------------------------
+
+    def reserve(self, ask: Ask) -> Grant | None:
+        """Set aside the worst case of a call, clamped to what remains; None (and a recorded
+        reason) when not even one sample of ``ask.min_tokens`` tokens fits."""
+        with self._lock:
+            fit = self._fit(ask, self._remaining_locked())
+            if isinstance(fit, str):
+                self.exhausted_reason = fit
+                return None
+            n, max_tokens = fit
+            if self.parent is not None:
+                upstream = self.parent.reserve(
+                    Ask(n, max_tokens, ask.prompt_tokens, ask.prompt_shared, ask.price, ask.scorer,
+                        ask.min_tokens)
+                )
+                if upstream is None:
+                    self.exhausted_reason = f"parent budget: {self.parent.exhausted_reason}"
+                    return None
+                n, max_tokens, gid = upstream.n, upstream.max_tokens, upstream.id
+            else:
+                gid = next(_grant_ids)
+            worst = worst_usage(n, max_tokens, ask.prompt_tokens, ask.prompt_shared)
+            worst_usd = ask.price.cost(worst.input_tokens, worst.output_tokens)
+            grant = Grant(gid, n, max_tokens, worst, worst_usd, ask.price, ask.scorer,
+                          clamped=(n, max_tokens) != (ask.n, ask.max_tokens))
+            self._reserved.add(worst, worst_usd, ask.scorer)
+            self._open[gid] = grant
+            return grant
+
+    def settle(self, grant: Grant, usage: Usage, record: CallRecord | None = None) -> Fraction:
+        """Replace a grant's worst case by what the call really consumed; returns its cost.
+
+        Usage above the worst case (a server that ignored max_tokens, a prompt larger than its
+        estimate) is charged as reported, never hidden, and noted in the record.
+        """
+        usd = grant.price.cost(usage.input_tokens, usage.output_tokens)
+        with self._lock:
+            if self._open.pop(grant.id, None) is None:
+                raise BudgetError(f"grant {grant.id} settled twice or never reserved here")
+            self._reserved.add(grant.worst, grant.worst_usd, grant.scorer, sign=-1)
+            self._spent.add(usage, usd, grant.scorer)
+            self._calls += 1
+            self._estimated = self._estimated or usage.estimated
+            if record is not None:
+                self.trace.append(record)
+        if self.parent is not None:
+            self.parent.settle(grant, usage, record)
+        return usd
+
+    def release(self, grant: Grant) -> None:
+        """Give back a grant whose call consumed nothing (it was never sent, or failed at once)."""
+        with self._lock:
+            if self._open.pop(grant.id, None) is None:
+                raise BudgetError(f"grant {grant.id} released twice or never reserved here")
+            self._reserved.add(grant.worst, grant.worst_usd, grant.scorer, sign=-1)
+        if self.parent is not None:
+            self.parent.release(grant)
+
+    def child(self, budget: Budget) -> Ledger:
+        """A sub-ledger: its calls must fit both its own budget and this one's."""
+        return Ledger(budget, parent=self, clock=self._clock)
+
+    # -- clamping ------------------------------------------------------------------------------
+
+    def _fit(self, ask: Ask, rem: Remaining) -> tuple[int, int] | str:
+        """Largest n that fits at the full max_tokens; failing that, one sample with as many
+        tokens as fit. Truncating one sample beats truncating all of them."""
+        if rem.seconds is not None and rem.seconds <= 0:
+            return "seconds: deadline reached"
+        n_cap = ask.n
+        if not ask.scorer and rem.generations is not None:
+            if rem.generations < 1:
+                return "generations: none left"
+            n_cap = min(n_cap, rem.generations)
+        for n in range(n_cap, 0, -1):
+            if _max_tokens_for(n, ask, rem) >= ask.max_tokens:
+                return n, ask.max_tokens
+        m = _max_tokens_for(1, ask, rem)
+        if m >= ask.min_tokens:
+            return 1, m
+        return _binding_unit(ask, rem)
+
+
+def worst_usage(n: int, max_tokens: int, prompt_tokens: int, prompt_shared: bool) -> Usage:
+    return Usage(
+        generations=n,
+        input_tokens=prompt_tokens if prompt_shared else n * prompt_tokens,
+        output_tokens=n * max_tokens,
+    )
+
+
+def _max_tokens_for(n: int, ask: Ask, rem: Remaining) -> int:
+    """The most output tokens per sample that n samples may have; negative when none fit."""
+    inp = ask.prompt_tokens if ask.prompt_shared else n * ask.prompt_tokens
+    bound = ask.max_tokens
+    if rem.input_tokens is not None and inp > rem.input_tokens:
+        return -1
+    if rem.output_tokens is not None:
+        bound = min(bound, rem.output_tokens // n)
+    if rem.total_tokens is not None:
+        bound = min(bound, (rem.total_tokens - inp) // n)
+    if rem.usd is not None:
+        in_cost = inp * ask.price.per_input_token()
+        if in_cost > rem.usd:
+            return -1
+        per_out = ask.price.per_output_token()
+        if per_out > 0:
+            bound = min(bound, math.floor((rem.usd - in_cost) / (n * per_out)))
+    return bound
+
+
+def _binding_unit(ask: Ask, rem: Remaining) -> str:
+    need = f"one sample of {ask.min_tokens} tokens after a {ask.prompt_tokens}-token prompt"
+    for unit in ("input_tokens", "output_tokens", "total_tokens", "usd"):
+        value = getattr(rem, unit)
+        if value is not None:
+            probe = Remaining(**{**{k: None for k in Remaining.__slots__}, unit: value})
+            if _max_tokens_for(1, ask, probe) < ask.min_tokens:
+                return f"{unit}: {float(value) if unit == 'usd' else value} left, not enough for {need}"
+    return f"budget too small for {need}"

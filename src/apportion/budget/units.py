@@ -1,0 +1,234 @@
+"""Budgets (what may be spent), usage (what one call consumed) and spend (what was consumed).
+
+Money is held as :class:`fractions.Fraction` so that "spent <= limit" is decided exactly; a float
+sum of many tiny per-token prices would drift across the limit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from fractions import Fraction
+from typing import Any
+
+from apportion.errors import BudgetError
+
+TOKEN_UNITS = ("input_tokens", "output_tokens", "total_tokens")
+_WHOLE_UNITS = ("generations", *TOKEN_UNITS)
+
+# Aliases accepted by Budget.parse; the canonical names are the dataclass fields.
+_ALIASES = {
+    "generations": "generations",
+    "gen": "generations",
+    "gens": "generations",
+    "n": "generations",
+    "samples": "generations",
+    "input_tokens": "input_tokens",
+    "input": "input_tokens",
+    "in": "input_tokens",
+    "output_tokens": "output_tokens",
+    "output": "output_tokens",
+    "out": "output_tokens",
+    "total_tokens": "total_tokens",
+    "tokens": "total_tokens",
+    "tok": "total_tokens",
+    "usd": "usd",
+    "dollars": "usd",
+    "$": "usd",
+    "seconds": "seconds",
+    "s": "seconds",
+    "sec": "seconds",
+    "deadline": "seconds",
+    "time": "seconds",
+}
+
+
+def to_fraction(value: float | int | str | Fraction) -> Fraction:
+    """Exact money value; floats go through their shortest repr so 0.1 means one tenth."""
+    if isinstance(value, Fraction):
+        return value
+    if isinstance(value, float):
+        return Fraction(repr(value))
+    return Fraction(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Limits on what a run may spend. Unset means unlimited in that unit; at least one is set.
+
+    ``generations`` counts sampled answers from the policy model (scorer calls are reported apart,
+    see docs/budget.md); tokens, dollars and seconds cover every call, scorers included.
+    """
+
+    generations: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    usd: float | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        set_any = False
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            set_any = True
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BudgetError(f"budget {f.name} must be a number, got {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise BudgetError(f"budget {f.name} must be > 0, got {value!r}")
+            if f.name in _WHOLE_UNITS:
+                if not float(value).is_integer():
+                    raise BudgetError(f"budget {f.name} must be a whole number, got {value!r}")
+                object.__setattr__(self, f.name, int(value))
+        if not set_any:
+            raise BudgetError(
+                "a budget needs at least one limit: generations, input_tokens, output_tokens, "
+                "total_tokens, usd or seconds"
+            )
+
+    @classmethod
+    def parse(cls, text: str | int | float) -> Budget:
+        """``"8"`` is eight generations; ``"gen=8,tokens=4000,usd=0.02,s=30"`` sets several units."""
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            return cls(generations=text)  # type: ignore[arg-type]
+        raw = str(text).strip()
+        if not raw:
+            raise BudgetError("empty budget")
+        if "=" not in raw:
+            return cls(generations=_number(raw, "generations"))  # type: ignore[arg-type]
+        values: dict[str, Any] = {}
+        for part in raw.split(","):
+            if not part.strip():
+                continue
+            key, sep, val = part.partition("=")
+            if not sep:
+                raise BudgetError(f"budget part {part!r} is not unit=value")
+            unit = _ALIASES.get(key.strip().lower())
+            if unit is None:
+                known = ", ".join(sorted(set(_ALIASES.values())))
+                raise BudgetError(f"unknown budget unit {key.strip()!r}; known units: {known}")
+            if unit in values:
+                raise BudgetError(f"budget unit {unit} given twice")
+            values[unit] = _number(val.strip(), unit)
+        return cls(**values)
+
+    def limits(self) -> dict[str, float | int]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.limits().items())
+
+
+def _number(text: str, unit: str) -> float | int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise BudgetError(f"budget {unit} must be a number, got {text!r}") from None
+    return int(value) if unit in _WHOLE_UNITS and value.is_integer() else value
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Dollars per million input and output tokens."""
+
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("input_per_mtok", "output_per_mtok"):
+            value = getattr(self, name)
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not valid or value < 0 or not math.isfinite(value):
+                raise BudgetError(f"price {name} must be a number >= 0, got {value!r}")
+
+    @property
+    def free(self) -> bool:
+        return self.input_per_mtok == 0 and self.output_per_mtok == 0
+
+    def per_input_token(self) -> Fraction:
+        return to_fraction(self.input_per_mtok) / 1_000_000
+
+    def per_output_token(self) -> Fraction:
+        return to_fraction(self.output_per_mtok) / 1_000_000
+
+    def cost(self, input_tokens: int, output_tokens: int) -> Fraction:
+        return input_tokens * self.per_input_token() + output_tokens * self.per_output_token()
+
+    @classmethod
+    def parse(cls, text: str) -> Price:
+        """``"0.15,0.6"`` or ``"in=0.15,out=0.6"``: dollars per million input / output tokens."""
+        usage = f"cannot read price {text!r}; expected 'IN,OUT' or 'in=X,out=Y' (USD per 1M tokens)"
+        names = {"in": "input_per_mtok", "input": "input_per_mtok",
+                 "out": "output_per_mtok", "output": "output_per_mtok"}
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if len(parts) != 2:
+            raise BudgetError(usage)
+        values: dict[str, float] = {}
+        for position, part in zip(("input_per_mtok", "output_per_mtok"), parts):
+            key, sep, val = part.rpartition("=")
+            name = names.get(key.strip().lower()) if sep else position
+            if name is None or name in values:
+                raise BudgetError(usage)
+            try:
+                values[name] = float(val)
+            except ValueError:
+                raise BudgetError(f"price {name} must be a number, got {val!r}") from None
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one backend call consumed, as the backend reported it (or counted it, if ``estimated``)."""
+
+    generations: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.generations + other.generations,
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.estimated or other.estimated,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """What a run consumed, in every unit. ``usd`` is exact (a Fraction); ``to_dict`` gives floats."""
+
+    generations: int = 0
+    scorer_generations: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usd: Fraction = Fraction(0)
+    seconds: float = 0.0
+    calls: int = 0
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "generations": self.generations,
+            "scorer_generations": self.scorer_generations,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.total_tokens,
+            "usd": float(self.usd),
+            "seconds": round(self.seconds, 4),
+            "calls": self.calls,
+            "estimated": self.estimated,
+        }

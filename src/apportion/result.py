@@ -1,0 +1,90 @@
+"""What every algorithm returns: the answer, the candidates behind it, and what was spent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from apportion.budget.ledger import CallRecord
+from apportion.budget.units import Budget, Spend
+from apportion.lm.base import Sample
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One sampled solution. ``answer`` is the extracted, normalised answer (None: none found);
+    ``votes`` is how many candidates share its answer; ``score`` its scorer's score in [0, 1]."""
+
+    text: str
+    answer: str | None
+    raw_answer: str | None
+    extraction: str | None
+    finish_reason: str
+    output_tokens: int
+    mean_logprob: float | None
+    votes: int = 0
+    score: float | None = None
+
+    @classmethod
+    def from_sample(cls, sample: Sample, answer: str | None, raw: str | None, method: str | None) -> Candidate:
+        return cls(sample.text, answer, raw, method, sample.finish_reason, sample.output_tokens,
+                   sample.mean_logprob)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "answer": self.answer,
+            "raw_answer": self.raw_answer,
+            "extraction": self.extraction,
+            "votes": self.votes,
+            "score": self.score,
+            "finish_reason": self.finish_reason,
+            "output_tokens": self.output_tokens,
+            "mean_logprob": self.mean_logprob,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """``final`` is False for the interim results an algorithm streams while it works.
+    ``distribution`` maps each distinct answer to its votes (self-consistency) or summed score
+    (weighted best-of-N). ``exhausted`` says the budget, not the algorithm, ended the run."""
+
+    answer: str | None
+    response: str | None
+    algorithm: str
+    candidates: tuple[Candidate, ...]
+    distribution: dict[str, float]
+    spent: Spend
+    budget: Budget
+    exhausted: bool
+    exhausted_reason: str | None
+    final: bool
+    seed: int | None
+    backend: str
+    model: str
+    trace: tuple[CallRecord, ...] = ()
+    notes: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, *, trace: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "answer": self.answer,
+            "response": self.response,
+            "algorithm": self.algorithm,
+            "distribution": self.distribution,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "spent": self.spent.to_dict(),
+            "budget": self.budget.to_dict(),
+            "exhausted": self.exhausted,
+            "exhausted_reason": self.exhausted_reason,
+            "final": self.final,
+            "seed": self.seed,
+            "backend": self.backend,
+            "model": self.model,
+            "notes": list(self.notes),
+            "options": self.options,
+        }
+        if trace:
+            out["trace"] = [r.to_dict() for r in self.trace]
+        return out
