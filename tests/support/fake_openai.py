@@ -1,7 +1,7 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1 whose behaviour a test scripts.
 
 Tokens are whitespace-separated words, as in the scripted backend, so tests can predict usage.
-Faults are consumed one per request, in order: "500", "429", "timeout" (answers only after the
+Faults are consumed one per request, in order: "400", "500", "429", "timeout" (answers only after the
 client has given up), "malformed" (200 with a broken body), "nochoices", "disconnect" (closes
 the connection without a reply). The server keeps an exact account of what it billed: the usage
 of every well-formed 200 response it sent.
@@ -83,6 +83,8 @@ class FakeOpenAI:
                     time.sleep(fake.delay_s)
                 if fault == "500":
                     return self._send(500, {"error": {"message": "internal error"}})
+                if fault == "400":
+                    return self._send(400, {"error": {"message": "max_tokens is too large for this model"}})
                 if fault == "429":
                     return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
                 if fault == "timeout":

@@ -124,22 +124,25 @@ class OpenAIHTTPBackend:
         started = time.monotonic()
         attempts = _Attempts()
         notes: list[str] = []
+        samples: list[Sample] = []
+        usage = Usage()
         if params.n == 1 or self._native_n is not False:
-            first = await self._request(prompt, params, deadline, attempts)
-            samples, usage = first
-            if len(samples) < params.n:
-                if self._native_n is None or self._native_n:
-                    notes.append(f"server returned {len(samples)} of n={params.n} choices; "
-                                 "making up the rest with separate requests")
+            samples, usage = await self._request(prompt, params, deadline, attempts)
+            if len(samples) < params.n and self._native_n is not False:
+                notes.append(f"server returned {len(samples)} of n={params.n} choices; "
+                             "making up the rest with separate requests")
                 self._native_n = False
-                more = await self._fan_out(prompt, params, params.n - len(samples), deadline,
-                                           attempts, first_index=len(samples))
-                samples = samples + more[0]
-                usage = usage + more[1]
             elif params.n > 1 and self._native_n is None:
                 self._native_n = True
-        else:
-            samples, usage = await self._fan_out(prompt, params, params.n, deadline, attempts, 0)
+        missing = params.n - len(samples)
+        if missing > 0:
+            more, more_usage, errors = await self._fan_out(prompt, params, missing, deadline, attempts,
+                                                           first_index=len(samples))
+            samples, usage = samples + more, usage + more_usage
+            if errors and not samples:
+                raise errors[0]
+            if errors:
+                notes.append(f"{len(errors)} of {missing} requests failed for good: {errors[0]}")
         if attempts.failures:
             notes.append(f"{len(attempts.failures)} failed attempt(s) retried: "
                          + "; ".join(attempts.failures[:5]))
@@ -195,8 +198,9 @@ class OpenAIHTTPBackend:
 
     async def _fan_out(self, prompt: Prompt, params: SamplingParams, count: int,
                        deadline: float | None, attempts: _Attempts,
-                       first_index: int) -> tuple[list[Sample], Usage]:
-        """``count`` single-sample requests at once (bounded by the concurrency limit)."""
+                       first_index: int) -> tuple[list[Sample], Usage, list[BaseException]]:
+        """``count`` single-sample requests at once (bounded by the concurrency limit); what
+        succeeded, what it consumed, and the errors of those that failed for good."""
 
         def one(i: int) -> SamplingParams:
             seed = None if params.seed is None else params.seed + first_index + i
@@ -208,18 +212,14 @@ class OpenAIHTTPBackend:
         )
         samples: list[Sample] = []
         usage = Usage()
-        errors = []
+        errors: list[BaseException] = []
         for r in results:
             if isinstance(r, BaseException):
                 errors.append(r)
-                continue
-            samples.extend(r[0])
-            usage = usage + r[1]
-        if errors and not samples:
-            raise errors[0]
-        if errors:
-            attempts.failures.append(f"{len(errors)} of {count} requests failed for good: {errors[0]}")
-        return samples, usage
+            else:
+                samples.extend(r[0])
+                usage = usage + r[1]
+        return samples, usage, errors
 
     def _payload(self, prompt: Prompt, params: SamplingParams) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {

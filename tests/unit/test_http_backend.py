@@ -1,0 +1,150 @@
+"""The OpenAI-compatible backend against a real HTTP server on 127.0.0.1 that misbehaves on cue."""
+
+import pytest
+
+from apportion import Budget, HTTPOptions, OpenAIHTTPBackend, Prompt, SamplingParams, SelfConsistency
+from apportion.errors import BackendRequestError, BackendUnavailable, ModelNotFound
+from tests.support.fake_openai import FakeOpenAI
+
+QUESTION = "What is 40 plus 2?"
+
+
+def backend(server: FakeOpenAI, **kw) -> OpenAIHTTPBackend:
+    options = {"base_url": server.base_url, "model": server.model, "backoff_s": 0.01, "timeout_s": 0.5, **kw}
+    return OpenAIHTTPBackend(HTTPOptions(**options))
+
+
+async def test_native_n_is_one_request_and_learned():
+    with FakeOpenAI() as server:
+        lm = backend(server)
+        assert lm.capabilities.native_n is False  # unknown until seen: reservations stay pessimistic
+        completion = await lm.generate(Prompt.chat(QUESTION), SamplingParams(n=4, max_tokens=32, logprobs=True))
+        assert len(completion.samples) == 4
+        assert server.billing.requests == 1
+        assert lm.capabilities.native_n is True
+        assert completion.usage.input_tokens == server.billing.prompt_tokens
+        assert completion.usage.output_tokens == server.billing.completion_tokens
+        assert completion.samples[0].logprobs == (-0.25,) * completion.samples[0].output_tokens
+        await lm.aclose()
+
+
+async def test_server_ignoring_n_is_detected_and_made_up_with_distinct_seeds():
+    with FakeOpenAI(honor_n=False) as server:
+        lm = backend(server)
+        completion = await lm.generate(Prompt.chat(QUESTION), SamplingParams(n=4, max_tokens=32, seed=5))
+        assert len(completion.samples) == 4
+        assert any("returned 1 of n=4" in note for note in completion.notes)
+        assert sorted(b.get("seed") for b in server.billing.bodies) == [5, 6, 7, 8]
+        assert lm.capabilities.native_n is False
+        # later calls go straight to single requests
+        await lm.generate(Prompt.chat(QUESTION), SamplingParams(n=3, max_tokens=32))
+        assert [b["n"] for b in server.billing.bodies[4:]] == [1, 1, 1]
+        assert completion.usage.input_tokens == 4 * (server.billing.prompt_tokens // 7)
+        await lm.aclose()
+
+
+async def test_retries_500_429_timeout_malformed_and_disconnects_with_exact_accounting():
+    faults = ["500", "429", "timeout", "malformed", "nochoices", "disconnect"]
+    with FakeOpenAI(faults=faults, timeout_sleep_s=1.0) as server:
+        lm = backend(server, max_retries=8, timeout_s=0.4)
+        result = await SelfConsistency().run(lm, QUESTION, Budget(generations=3))
+        assert result.answer == "42"
+        assert result.spent.generations == 3
+        # spend is exactly what the server billed for the replies that reached us
+        assert result.spent.input_tokens == server.billing.prompt_tokens
+        assert result.spent.output_tokens == server.billing.completion_tokens
+        assert not result.spent.estimated
+        notes = " ".join(result.trace[0].notes)
+        assert "6 failed attempt(s) retried" in notes
+        assert "HTTP 500" in notes and "HTTP 429" in notes and "malformed" in notes
+        await lm.aclose()
+
+
+async def test_gives_up_after_max_retries_and_charges_nothing_unbilled():
+    with FakeOpenAI(faults=["500"] * 10) as server:
+        lm = backend(server, max_retries=2)
+        with pytest.raises(BackendUnavailable, match="after 3 attempt"):
+            await lm.generate(Prompt.chat(QUESTION), SamplingParams())
+        assert server.billing.requests == 3
+        await lm.aclose()
+
+
+async def test_partial_fan_out_keeps_what_succeeded():
+    with FakeOpenAI(honor_n=False, faults=["ok", "500", "500", "500"]) as server:
+        lm = backend(server, max_retries=0)
+        completion = await lm.generate(Prompt.chat(QUESTION), SamplingParams(n=4, max_tokens=32))
+        assert len(completion.samples) == 1
+        assert completion.usage.output_tokens == server.billing.completion_tokens
+        assert any("3 of 3 requests failed" in n for n in completion.notes)
+        await lm.aclose()
+
+
+async def test_missing_usage_is_estimated_and_flagged():
+    with FakeOpenAI(usage=False) as server:
+        lm = backend(server)
+        result = await SelfConsistency().run(lm, QUESTION, Budget(generations=2))
+        assert result.spent.estimated
+        assert result.spent.output_tokens > 0 and result.spent.input_tokens > 0
+        assert any("estimated" in n for n in result.trace[0].notes)
+        await lm.aclose()
+
+
+async def test_client_errors_are_not_retried_and_named():
+    with FakeOpenAI() as server:
+        lm = OpenAIHTTPBackend(HTTPOptions(base_url=server.base_url, model="wrong-model"))
+        with pytest.raises(ModelNotFound, match="not served"):
+            await lm.check()
+        with pytest.raises(ModelNotFound, match="404"):
+            await lm.generate(Prompt.chat(QUESTION), SamplingParams())
+        assert server.billing.requests == 1
+        await lm.aclose()
+
+
+async def test_unreachable_server_fails_fast():
+    with FakeOpenAI() as server:
+        url = server.base_url
+    lm = OpenAIHTTPBackend(HTTPOptions(base_url=url, model="m"))
+    with pytest.raises(BackendUnavailable, match="cannot reach"):
+        await lm.check()
+    with pytest.raises(BackendUnavailable, match="cannot reach"):
+        await lm.generate(Prompt.chat(QUESTION), SamplingParams())
+
+
+async def test_continuation_and_raw_prompts_use_the_right_endpoint():
+    with FakeOpenAI() as server:
+        lm = backend(server)
+        await lm.generate(Prompt.chat(QUESTION).continued("Let me think."), SamplingParams())
+        body = server.billing.bodies[-1]
+        assert body["messages"][-1] == {"role": "assistant", "content": "Let me think."}
+        assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+        completion = await lm.generate(Prompt.raw("2 + 2 ="), SamplingParams(n=2, logprobs=True))
+        assert server.billing.bodies[-1]["prompt"] == "2 + 2 =" and len(completion.samples) == 2
+        assert completion.samples[0].logprobs is not None
+        await lm.aclose()
+
+
+def test_bad_options_are_named():
+    with pytest.raises(Exception, match="http"):
+        HTTPOptions(base_url="localhost:8000", model="m")
+    with pytest.raises(Exception, match="model"):
+        HTTPOptions(base_url="http://x", model="")
+
+
+async def test_prompt_tokens_learned_exactly_after_first_call():
+    with FakeOpenAI() as server:
+        lm = backend(server)
+        prompt = Prompt.chat(QUESTION)
+        bound = await lm.prompt_tokens(prompt)
+        completion = await lm.generate(prompt, SamplingParams())
+        assert bound >= completion.usage.input_tokens
+        assert await lm.prompt_tokens(prompt) == completion.usage.input_tokens
+        await lm.aclose()
+
+
+async def test_bad_request_is_not_retried_and_surfaces_the_server_message():
+    with FakeOpenAI(faults=["400"]) as server:
+        lm = backend(server)
+        with pytest.raises(BackendRequestError, match="HTTP 400.*max_tokens is too large"):
+            await lm.generate(Prompt.chat(QUESTION), SamplingParams())
+        assert server.billing.requests == 1
+        await lm.aclose()
