@@ -81,7 +81,7 @@ class LlamaEmbeddedBackend:
     def model(self) -> str:
         if self.options.model_name:
             return self.options.model_name
-        return self._path.stem if self._path else DEFAULT_MODEL_NAME
+        return Path(self.options.model_path).stem if self.options.model_path else DEFAULT_MODEL_NAME
 
     @property
     def name(self) -> str:
@@ -192,32 +192,40 @@ class _Engine:
         self.mem = lc.llama_get_memory(self.ctx)
         self.batch = lc.llama_batch_init(max(options.n_batch, options.parallel + 1), 0, options.parallel + 1)
         template = lc.llama_model_chat_template(self.model, None)
-        self.template = template.decode() if template else None
+        self.jinja = _compile_template(template.decode()) if template else None
+        self.bos_text = self._special_text(lc.llama_vocab_bos(self.vocab))
+        self.eos_text = self._special_text(lc.llama_vocab_eos(self.vocab))
         self.lock = threading.Lock()
         self.cached: list[int] = []  # tokens held by sequence 0 (the prefix cache)
 
     # -- text <-> tokens -----------------------------------------------------------------------
 
     def format(self, prompt: Prompt) -> tuple[str, bool]:
-        """The prompt as model text, and whether it holds special tokens to parse."""
+        """The prompt as model text, and whether it holds special tokens to parse.
+
+        Chat prompts go through the GGUF's own Jinja chat template, as Hugging Face and
+        llama-cpp-python's server render it (SmolLM2's adds its default system prompt when none
+        is given); llama.cpp's built-in approximation is the fallback."""
         if not prompt.is_chat:
             return (prompt.text or "") + prompt.assistant_prefix, False
+        messages = [{"role": m.role, "content": m.content} for m in prompt.messages]
+        if self.jinja is not None:
+            text = self.jinja.render(messages=messages, add_generation_prompt=True,
+                                     bos_token=self.bos_text, eos_token=self.eos_text)
+            return text + prompt.assistant_prefix, True
         lc = self.lc
-        msgs = (lc.llama_chat_message * len(prompt.messages))()
-        keep = []
-        for i, m in enumerate(prompt.messages):
-            role, content = m.role.encode(), m.content.encode()
-            keep += [role, content]
+        msgs = (lc.llama_chat_message * len(messages))()
+        encoded = [(m["role"].encode(), m["content"].encode()) for m in messages]
+        for i, (role, content) in enumerate(encoded):
             msgs[i].role, msgs[i].content = role, content
-        tmpl = self.template.encode() if self.template else None
-        size = 2 * sum(len(m.content) + 32 for m in prompt.messages) + 256
+        size = 2 * sum(len(c) + 32 for _, c in encoded) + 256
         buf = ctypes.create_string_buffer(size)
-        needed = lc.llama_chat_apply_template(tmpl, msgs, len(msgs), True, buf, size)
+        needed = lc.llama_chat_apply_template(None, msgs, len(msgs), True, buf, size)
         if needed > size:
             buf = ctypes.create_string_buffer(needed + 1)
-            needed = lc.llama_chat_apply_template(tmpl, msgs, len(msgs), True, buf, needed + 1)
+            needed = lc.llama_chat_apply_template(None, msgs, len(msgs), True, buf, needed + 1)
         if needed < 0:
-            raise BackendError("llama.cpp does not know this model's chat template")
+            raise BackendError("this model has no chat template llama.cpp knows; use a raw prompt")
         return buf.raw[:needed].decode("utf-8", errors="replace") + prompt.assistant_prefix, True
 
     def tokenize(self, text: str, special: bool) -> list[int]:
@@ -232,6 +240,13 @@ class _Engine:
 
     def prompt_tokens(self, prompt: Prompt) -> list[int]:
         return self.tokenize(*self.format(prompt))
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        buf = ctypes.create_string_buffer(128)
+        n = self.lc.llama_token_to_piece(self.vocab, token, buf, 128, 0, True)
+        return buf.raw[: max(0, n)].decode("utf-8", errors="replace")
 
     def piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)
@@ -379,6 +394,20 @@ class _Engine:
             lc.llama_batch_free(self.batch)
             lc.llama_free(self.ctx)
             lc.llama_model_free(self.model)
+
+
+def _compile_template(source: str) -> Any:
+    """A chat template compiled as Transformers does (sandboxed, trimmed blocks)."""
+    try:
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
+        return env.from_string(source)
+    except Exception:  # noqa: BLE001 - an exotic template falls back to llama.cpp's renderer
+        _log.warning("chat template did not compile; using llama.cpp's built-in renderer")
+        return None
 
 
 _LOG_CALLBACK: object | None = None

@@ -36,6 +36,7 @@ _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 # Bytes per token is at least 1 for byte-level BPE; chat templates add a few special tokens
 # per message and sometimes a default system prompt. Raised when the server shows more.
 _DEFAULT_OVERHEAD = 64
+CONTINUATION_MODES = ("server", "chatml", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +55,11 @@ class HTTPOptions:
     """None: find out from the first request with n > 1."""
     logprobs: bool | None = None
     """None: ask for logprobs and find out whether the server returns them."""
-    continue_final_message: bool = True
-    """Continue a partial assistant message the vLLM/SGLang way (``continue_final_message``)."""
+    continuation: str = "server"
+    """How to continue a partial assistant message: "server" sends vLLM/SGLang's
+    ``continue_final_message``; "chatml" renders the chat as ChatML here and continues it through
+    /completions (for servers that ignore that flag, such as llama-cpp-python's, serving a ChatML
+    model); "none" refuses."""
     extra_body: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -64,6 +68,8 @@ class HTTPOptions:
             raise ConfigError(f"base URL must start with http:// or https://, got {self.base_url!r}")
         if not self.model:
             raise ConfigError("an HTTP backend needs a model name (--model)")
+        if self.continuation not in CONTINUATION_MODES:
+            raise ConfigError(f"continuation must be one of {CONTINUATION_MODES}, got {self.continuation!r}")
         if self.max_retries < 0 or self.max_concurrency < 1 or self.timeout_s <= 0:
             raise ConfigError("max_retries >= 0, max_concurrency >= 1 and timeout_s > 0 are required")
 
@@ -107,7 +113,7 @@ class OpenAIHTTPBackend:
         return Capabilities(
             native_n=self._native_n is True,
             logprobs=self._logprobs is not False,
-            continuation=self.options.continue_final_message,
+            continuation=self.options.continuation != "none",
             prefix_cache=False,
             raw_prompt=True,
             exact_prompt_tokens=False,
@@ -235,20 +241,24 @@ class OpenAIHTTPBackend:
         if params.seed is not None:
             body["seed"] = params.seed
         want_logprobs = params.logprobs and self._logprobs is not False
-        if prompt.is_chat:
+        mode = self.options.continuation
+        if prompt.assistant_prefix and prompt.is_chat and mode == "none":
+            raise ConfigError(f"{self.name} is set not to continue partial assistant messages")
+        if prompt.is_chat and not (prompt.assistant_prefix and mode == "chatml"):
             messages = [{"role": m.role, "content": m.content} for m in prompt.messages]
             if prompt.assistant_prefix:
-                if not self.options.continue_final_message:
-                    raise ConfigError(f"{self.name} is set not to continue partial assistant messages")
                 messages.append({"role": "assistant", "content": prompt.assistant_prefix})
                 body["continue_final_message"] = True
                 body["add_generation_prompt"] = False
             body["messages"] = messages
             if want_logprobs:
+                # top_logprobs=1: some servers (llama-cpp-python) return none without it
                 body["logprobs"] = True
+                body["top_logprobs"] = 1
             path = "/chat/completions"
         else:
-            body["prompt"] = (prompt.text or "") + prompt.assistant_prefix
+            text = render_chatml(prompt) if prompt.is_chat else (prompt.text or "")
+            body["prompt"] = text + prompt.assistant_prefix
             if want_logprobs:
                 body["logprobs"] = 1
             path = "/completions"
@@ -342,6 +352,12 @@ class OpenAIHTTPBackend:
         samples = _spread_tokens(samples, completion_tokens)
         usage = Usage(len(samples), prompt_tokens, completion_tokens, estimated)
         return samples, usage
+
+
+def render_chatml(prompt: Prompt) -> str:
+    """The chat in ChatML with an open assistant turn (the prefix is appended by the caller)."""
+    turns = "".join(f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in prompt.messages)
+    return turns + "<|im_start|>assistant\n"
 
 
 def _choice_text(choice: dict[str, Any]) -> str:
