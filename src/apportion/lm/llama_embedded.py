@@ -2,7 +2,7 @@
 
 The ``n`` samples of a request are decoded together: the prompt is decoded once into sequence 0
 and its KV entries copied to each sample's sequence, then each step puts one token per live
-sequence into a single ``llama_batch``; each sequence has its own sampler and seed. The prompt
+sequence into a single ``llama_batch``; each sequence has its own random stream (seed + index). The prompt
 of the previous request stays in sequence 0 as a prefix cache, so repeated rounds on one prompt
 (and step-wise search that extends a prefix) skip its prefill.
 
@@ -29,6 +29,7 @@ import numpy as np
 from apportion.budget.units import Price, Usage
 from apportion.errors import BackendError, ConfigError, ModelNotFound
 from apportion.lm.base import Capabilities, Completion, Prompt, Sample, SamplingParams
+from apportion.lm.sampling import sample_token
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -138,7 +139,7 @@ class LlamaEmbeddedBackend:
 @dataclass(slots=True)
 class _Seq:
     seq_id: int
-    sampler: ctypes.c_void_p
+    rng: np.random.Generator
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     data: bytearray = field(default_factory=bytearray)
@@ -281,7 +282,7 @@ class _Engine:
     def _wave(self, tokens: list[int], params: SamplingParams, max_tokens: int, seeds: list[int],
               deadline: float | None, cancel: threading.Event) -> list[Sample]:
         lc = self.lc
-        seqs = [_Seq(i + 1, self._sampler(params, seed)) for i, seed in enumerate(seeds)]
+        seqs = [_Seq(i + 1, np.random.default_rng(seed)) for i, seed in enumerate(seeds)]
         try:
             self._prefill(tokens, [s.seq_id for s in seqs])
             for i, s in enumerate(seqs):
@@ -308,7 +309,6 @@ class _Engine:
         finally:
             for s in seqs:
                 lc.llama_memory_seq_rm(self.mem, s.seq_id, -1, -1)
-                lc.llama_sampler_free(s.sampler)
 
     def _prefill(self, tokens: list[int], seq_ids: list[int]) -> None:
         """Leave ``tokens`` in sequence 0 and every sequence of the wave; batch row i holds the
@@ -351,10 +351,10 @@ class _Engine:
 
     def _step(self, s: _Seq, params: SamplingParams, max_tokens: int) -> None:
         lc = self.lc
-        token = lc.llama_sampler_sample(s.sampler, self.ctx, s.batch_index)
         row = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, s.batch_index), shape=(self.n_vocab,))
-        top = float(row.max())
-        s.logprobs.append(float(row[token]) - top - float(np.log(np.exp(row - top).sum())))
+        token, logprob = sample_token(row, params.temperature, params.top_p, s.rng, params.logprobs)
+        if logprob is not None:
+            s.logprobs.append(logprob)
         s.tokens.append(token)
         if lc.llama_vocab_is_eog(self.vocab, token):
             s.finish = "stop"
@@ -370,23 +370,10 @@ class _Engine:
         if len(s.tokens) >= max_tokens:
             s.finish = "length"
 
-    def _sampler(self, params: SamplingParams, seed: int) -> ctypes.c_void_p:
-        lc = self.lc
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if params.temperature == 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-            return chain
-        # Temperature before nucleus filtering, as OpenAI-compatible servers do.
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
-        if params.top_p < 1:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
-        return chain
-
     @staticmethod
     def _sample(s: _Seq) -> Sample:
         text = s.text if s.finish == "stop" else s.data.decode("utf-8", errors="replace")
-        return Sample(text, s.finish or "length", len(s.tokens), tuple(s.logprobs))
+        return Sample(text, s.finish or "length", len(s.tokens), tuple(s.logprobs) if s.logprobs else None)
 
     def close(self) -> None:
         lc = self.lc
