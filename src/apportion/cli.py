@@ -140,6 +140,42 @@ def run(
         _render(result, Console())
 
 
+bench_app = typer.Typer(help="Benchmarks that print figures and write JSON.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("throughput")
+def bench_throughput(
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats per configuration.")] = 3,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per sample.")] = 256,
+    seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
+    model_path: Annotated[Path | None, typer.Option(help="A GGUF instead of the embedded model.")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("runs/throughput.json"),
+) -> None:
+    """Embedded backend: tokens/s at n=1 and n=8, and self-consistency's wall time over a bare request."""
+    from apportion.bench.throughput import ThroughputConfig, measure, write
+
+    console = Console()
+    try:
+        backend = _backend(None, None, None, model_path, None, None)
+        report = asyncio.run(measure(backend, ThroughputConfig(repeats, max_tokens, seed)))
+    except ApportionError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_FAILURE) from None
+    write(report, out)
+    table = Table(title=f"{report['model']} ({report['backend']}), {repeats} repeats, max_tokens={max_tokens}")
+    for column in ("configuration", "median tokens/s", "median seconds", "mean tokens"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for name, row in report["summary"].items():
+        if name != "ratios":
+            table.add_row(name, f"{row['median_tokens_per_s']:.1f}", f"{row['median_seconds']:.2f}",
+                          f"{row['mean_tokens']:.0f}")
+    console.print(table)
+    for name, value in report["summary"]["ratios"].items():
+        console.print(f"{name}: {value:.2f}")
+    console.print(f"wrote {out}")
+
+
 def _backend(base_url: str | None, model: str | None, api_key: str | None, model_path: Path | None,
              price: str | None, price_file: Path | None) -> Backend:
     table = PriceTable.from_json(price_file) if price_file else PriceTable()

@@ -93,6 +93,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = False
+    ignore_eos: bool = False
+    """Keep generating past end-of-sequence up to max_tokens (for fixed-length benchmarks)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:

@@ -356,7 +356,7 @@ class _Engine:
         if logprob is not None:
             s.logprobs.append(logprob)
         s.tokens.append(token)
-        if lc.llama_vocab_is_eog(self.vocab, token):
+        if not params.ignore_eos and lc.llama_vocab_is_eog(self.vocab, token):
             s.finish = "stop"
             return
         piece = self.piece(token)
@@ -392,7 +392,7 @@ def _compile_template(source: str) -> Any:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=[jinja2.ext.loopcontrols])
         return env.from_string(source)
-    except Exception:  # noqa: BLE001 - an exotic template falls back to llama.cpp's renderer
+    except Exception:
         _log.warning("chat template did not compile; using llama.cpp's built-in renderer")
         return None
 

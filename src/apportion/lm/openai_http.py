@@ -240,6 +240,8 @@ class OpenAIHTTPBackend:
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.ignore_eos:
+            body["ignore_eos"] = True  # vLLM / SGLang extension
         want_logprobs = params.logprobs and self._logprobs is not False
         mode = self.options.continuation
         if prompt.assistant_prefix and prompt.is_chat and mode == "none":
