@@ -43,29 +43,35 @@ def gguf() -> Path:
 def llama_server(gguf):
     """A real OpenAI-compatible server (llama-cpp-python's) on 127.0.0.1 with the embedded GGUF."""
     port = free_port()
-    log = open(ROOT / ".pytest_cache" / "llama_server.log", "w") if (ROOT / ".pytest_cache").is_dir() \
-        else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-         "--port", str(port), "--model_alias", "smollm2", "--n_ctx", "4096", "--verbose", "False"],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
+    log_path = ROOT / ".pytest_cache" / "llama_server.log"
+    log_path.parent.mkdir(exist_ok=True)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+             "--port", str(port), "--model_alias", "smollm2", "--n_ctx", "4096", "--verbose", "False"],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}/v1"
+            _wait_until_up(proc, url, log_path)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, limit_s: float = 120) -> None:
+    deadline = time.monotonic() + limit_s
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"llama_cpp.server exited with {proc.returncode}")
+            pytest.fail(f"llama_cpp.server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                break
+                return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("llama_cpp.server did not come up within 120 s")
+            pytest.fail(f"llama_cpp.server did not come up within {limit_s} s")
         time.sleep(0.5)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()

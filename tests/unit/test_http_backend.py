@@ -144,7 +144,7 @@ async def test_prompt_tokens_learned_exactly_after_first_call():
 async def test_bad_request_is_not_retried_and_surfaces_the_server_message():
     with FakeOpenAI(faults=["400"]) as server:
         lm = backend(server)
-        with pytest.raises(BackendRequestError, match="HTTP 400.*max_tokens is too large"):
+        with pytest.raises(BackendRequestError, match=r"HTTP 400.*max_tokens is too large"):
             await lm.generate(Prompt.chat(QUESTION), SamplingParams())
         assert server.billing.requests == 1
         await lm.aclose()
