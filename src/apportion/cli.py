@@ -15,17 +15,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from apportion import __version__
-from apportion.algorithms.base import DEFAULT_SYSTEM_PROMPT, SamplingOptions
+from apportion.algorithms.base import DEFAULT_SYSTEM_PROMPT, SamplingOptions, check_budget_can_bind
 from apportion.algorithms.registry import ALGORITHMS, make_algorithm
 from apportion.batch import answer_many, read_items
 from apportion.budget.prices import PriceTable
 from apportion.budget.units import Budget, Price
-from apportion.errors import ApportionError, BackendUnavailable, BudgetError, ConfigError, ModelNotFound
+from apportion.errors import ApportionError, ConfigError, ModelNotFound
 from apportion.lm.base import Backend
 from apportion.lm.llama_embedded import EmbeddedOptions, LlamaEmbeddedBackend
 from apportion.lm.openai_http import HTTPOptions, OpenAIHTTPBackend
 from apportion.result import Result
-from apportion.reward import SCORERS, LLMJudge
+from apportion.reward import SCORERS
 from apportion.reward.base import OutcomeScorer
 
 app = typer.Typer(
@@ -107,11 +107,10 @@ def run(
             prompt = sys.stdin.read()
         if prompt is not None and not prompt.strip():
             raise ConfigError("the prompt is empty")
-        backend = _backend(base_url, model, api_key, model_path, price, price_file)
-        if parsed_budget.usd is not None and backend.price.free:
-            raise BudgetError(f"a dollar budget needs a price for {backend.model!r}: pass --price IN,OUT")
         chosen_scorer = _scorer(scorer)
         make_algorithm(algorithm, sampling, chosen_scorer)  # validates the name before any work
+        backend = _backend(base_url, model, api_key, model_path, price, price_file)
+        check_budget_can_bind(parsed_budget, backend)
     except ApportionError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(EXIT_USAGE) from None
@@ -128,10 +127,7 @@ def run(
                 raise typer.Exit(EXIT_FAILURE)
             return
         result = asyncio.run(_run_one(algorithm_for(), backend, prompt or "", parsed_budget, seed))
-    except (BackendUnavailable, ModelNotFound) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(EXIT_FAILURE) from None
-    except ApportionError as exc:
+    except ApportionError as exc:  # unreachable server, model missing upstream, backend failure
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(EXIT_FAILURE) from None
     if json_out:
@@ -199,7 +195,7 @@ def _scorer(name: str) -> OutcomeScorer:
     factory = SCORERS.get(name)
     if factory is None:
         raise ConfigError(f"unknown scorer {name!r}; known: {', '.join(sorted(set(SCORERS)))}")
-    return factory() if factory is not LLMJudge else LLMJudge()
+    return factory()
 
 
 async def _run_one(algorithm: Any, backend: Backend, prompt: str, budget: Budget,

@@ -1,6 +1,7 @@
 """The embedded SmolLM2-135M model, through the library and through the command line."""
 
 import asyncio
+import hashlib
 import math
 
 import pytest
@@ -11,6 +12,13 @@ from tests.conftest import cli_json, run_cli
 pytestmark = pytest.mark.embedded
 
 QUESTION = "A farmer has 17 sheep and buys 25 more. How many sheep?"
+
+
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def test_the_installed_weights_are_the_published_ones(gguf):
+    assert hashlib.sha256(gguf.read_bytes()).hexdigest() == SMOLLM2_SHA256
 
 
 @pytest.fixture(scope="module")

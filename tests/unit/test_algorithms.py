@@ -94,9 +94,10 @@ async def test_dollar_budget_with_a_priced_model():
     assert float(result.spent.usd) == prompt_tokens + 3 * 5
 
 
-async def test_dollar_only_budget_on_a_free_model_is_refused():
-    with pytest.raises(BudgetError, match="no price"):
-        await sc().run(ScriptedBackend(["x"]), QUESTION, Budget(usd=1))
+async def test_dollar_budget_on_a_free_model_is_refused():
+    for budget in (Budget(usd=1), Budget(usd=1, generations=4)):
+        with pytest.raises(BudgetError, match="no price"):
+            await sc().run(ScriptedBackend(["x"]), QUESTION, budget)
 
 
 async def test_deadline_stops_a_slow_backend():

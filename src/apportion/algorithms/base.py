@@ -145,7 +145,7 @@ class Algorithm(ABC):
             ledger = Ledger(budget)
         else:
             raise BudgetError(f"budget must be a Budget or a Ledger, got {type(budget).__name__}")
-        _check_budget_can_bind(ledger.budget, lm)
+        check_budget_can_bind(ledger.budget, lm)
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ConfigError("the prompt is empty")
@@ -160,13 +160,12 @@ class Algorithm(ABC):
                           self.equivalence, self.name, self.options_dict())
 
 
-def _check_budget_can_bind(budget: Budget, lm: Backend) -> None:
-    """A dollar-only budget on a free model would never stop: refuse it up front."""
-    limits = set(budget.limits())
-    if limits == {"usd"} and lm.price.free:
+def check_budget_can_bind(budget: Budget, lm: Backend) -> None:
+    """A dollar limit on a model with no price would never bind: refuse it up front."""
+    if budget.usd is not None and lm.price.free:
         raise BudgetError(
-            f"a dollar budget cannot limit {lm.model!r}: it has no price (set one with --price "
-            "or a price table), or add a generation, token or time limit"
+            f"a dollar budget cannot limit {lm.model!r}: it has no price (pass --price IN,OUT, "
+            "or set one in a price table)"
         )
 
 
