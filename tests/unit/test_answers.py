@@ -26,6 +26,12 @@ def test_extraction_prefers_explicit_markers(text, answer, method):
     assert (found.text, found.method) == (answer, method)
 
 
+def test_prose_after_a_marker_is_not_an_answer():
+    text = "So 17 + 25 = 42. The answer is the same as the last step, but in a different way."
+    assert extract_answer(text).text == "42"
+    assert extract_answer("The answer is Tuesday.").text == "Tuesday"
+
+
 @pytest.mark.parametrize("text", ["", "I do not know.", "no digits here at all"])
 def test_extraction_returns_none_without_an_answer(text):
     assert extract_answer(text) is None

@@ -23,10 +23,11 @@ from apportion.lm.base import Backend, Prompt, Sample, SamplingParams
 from apportion.lm.metered import MeteredLM
 from apportion.result import Candidate, Result
 
-DEFAULT_SYSTEM_PROMPT = (
-    "Solve the problem step by step. End your reply with a final line of the form "
-    "'The answer is X', where X is the final answer."
-)
+# Chosen on the embedded model, greedy, first 40 MAWPS SingleOp questions: this prompt 7/40 right;
+# "Solve the problem step by step. End your reply with a final line of the form 'The answer is
+# X'..." 0/40; no system prompt (SmolLM2's default) 4/40. Small models ramble when told to reason
+# step by step; "briefly" keeps them on the arithmetic.
+DEFAULT_SYSTEM_PROMPT = "Solve the problem briefly. End with 'The answer is N'."
 # Without a generation limit (a token, dollar or time budget only), samples are drawn this many
 # at a time until the budget refuses the next batch.
 DEFAULT_BATCH = 8

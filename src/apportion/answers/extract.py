@@ -40,7 +40,7 @@ def extract_answer(text: str) -> Extracted | None:
                             ("answer_colon", _ANSWER_COLON_RE)):
         for match in reversed(list(pattern.finditer(text))):
             value = _first_clause(text[match.end():].split("\n", 1)[0])
-            if value:
+            if value and _plausible(value):
                 return Extracted(value, method)
     numbers = _NUMBER_RE.findall(text)
     if numbers:
@@ -61,6 +61,12 @@ def last_boxed(text: str) -> str | None:
                 if depth == 0:
                     return text[start:i]
     return None
+
+
+def _plausible(value: str) -> bool:
+    """A short phrase ("Tuesday", "(B)") or anything with digits or LaTeX can be an answer; a long
+    sentence without either ("the same as in the last step") is prose, not an answer."""
+    return len(value.split()) <= 6 or any(ch.isdigit() or ch == "\\" for ch in value)
 
 
 def _first_clause(value: str) -> str:
