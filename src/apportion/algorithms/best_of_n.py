@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from apportion.algorithms.base import Algorithm, RunContext, SamplingOptions, sample_batches
-from apportion.algorithms.voting import tally
+from apportion.algorithms.voting import score_tally
 from apportion.answers.equivalence import Equivalence
 from apportion.budget.ledger import Ledger
 from apportion.budget.units import Budget
@@ -61,26 +61,10 @@ class BestOfN(Algorithm):
         yield self._select(ctx, candidates, final=True)
 
     def _select(self, ctx: RunContext, candidates: Sequence[Candidate], final: bool) -> Result:
-        scores = [c.score for c in candidates]
-        if not any(s is not None and c.answer is not None for s, c in zip(scores, candidates)):
-            t = tally(candidates, ctx.equivalence)
-            if candidates and final:
-                ctx.notes.append("no candidate with an answer could be scored: fell back to majority vote")
-            return self._result(ctx, t.winner, t.winner_index, t.candidates, t.distribution, final)
-        if self.options.weighted:
-            t = tally(candidates, ctx.equivalence, weights=scores)
-            return self._result(ctx, t.winner, t.winner_index, t.candidates, t.distribution, final)
-        t = tally(candidates, ctx.equivalence)
-        best = max(
-            (i for i, c in enumerate(candidates) if c.answer is not None and c.score is not None),
-            key=lambda i: (candidates[i].score, -i),
-        )
-        top: dict[str, float] = {}
-        for c, group in zip(candidates, t.groups):
-            if group is not None and c.score is not None:
-                top[group] = max(top.get(group, 0.0), c.score)
-        distribution = dict(sorted(top.items(), key=lambda kv: -kv[1]))
-        return self._result(ctx, candidates[best].answer, best, t.candidates, distribution, final)
+        t, fell_back = score_tally(candidates, ctx.equivalence, weighted=self.options.weighted)
+        if fell_back and candidates and final:
+            ctx.notes.append("no candidate with an answer could be scored: fell back to majority vote")
+        return self._result(ctx, t.winner, t.winner_index, t.candidates, t.distribution, final)
 
     def _result(self, ctx: RunContext, answer: str | None, index: int | None,
                 candidates: Sequence[Candidate], distribution: dict[str, float], final: bool) -> Result:

@@ -62,3 +62,23 @@ def tally(candidates: Sequence[Candidate], equivalence: Equivalence,
     if weights is not None and weight[best] <= 0:
         return Tally(None, None, distribution, voted, groups)
     return Tally(candidates[first[best]].answer, first[best], distribution, voted, groups)
+
+
+def score_tally(candidates: Sequence[Candidate], equivalence: Equivalence, *,
+                weighted: bool) -> tuple[Tally, bool]:
+    """Best-of-N selection: the highest-scored candidate with an answer (``weighted``: the answer
+    with the highest summed score). The flag is True when no candidate with an answer had a score,
+    and the majority vote decided instead."""
+    t = tally(candidates, equivalence)
+    if not any(c.score is not None and c.answer is not None for c in candidates):
+        return t, True
+    if weighted:
+        return tally(candidates, equivalence, weights=[c.score for c in candidates]), False
+    best = max((i for i, c in enumerate(candidates) if c.answer is not None and c.score is not None),
+               key=lambda i: (candidates[i].score, -i))
+    top: dict[str, float] = {}
+    for c, group in zip(candidates, t.groups):
+        if group is not None and c.score is not None:
+            top[group] = max(top.get(group, 0.0), c.score)
+    distribution = dict(sorted(top.items(), key=lambda kv: -kv[1]))
+    return Tally(candidates[best].answer, best, distribution, t.candidates, t.groups), False

@@ -42,11 +42,15 @@ class Equivalence:
         self.rel_tol = rel_tol
         self._pairs: dict[tuple[str, str], bool] = {}
         self._parsed: dict[str, object] = {}
+        self._keys: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def key(self, answer: str) -> str:
         """A canonical form: equal keys are always equivalent (the converse needs ``same``)."""
-        return normalize_answer(answer)
+        key = self._keys.get(answer)
+        if key is None:
+            key = self._keys[answer] = normalize_answer(answer)
+        return key
 
     def same(self, a: str, b: str) -> bool:
         ka, kb = self.key(a), self.key(b)

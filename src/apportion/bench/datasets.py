@@ -1,0 +1,136 @@
+"""Evaluation datasets: the named benchmark files of the shared data folder, or any JSONL file.
+
+Every item becomes a `Problem`: an id, the question, the gold answer as text (graded with the
+project's own equivalence), and a difficulty level where the dataset has one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from apportion.answers.normalize import format_number, numeric_value
+from apportion.errors import ConfigError
+
+DATA_ENV = "APPORTION_DATA_DIR"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    id: str
+    question: str
+    answer: str
+    level: str | None = None
+
+
+def _gsm8k_answer(raw: dict[str, Any]) -> str:
+    return str(raw["answer"]).rsplit("####", 1)[-1].strip().replace(",", "")
+
+
+def _number_text(value: Any) -> str:
+    """MAWPS stores 14.0 for 14; the gold answer is written as a person would write it."""
+    text = str(value).strip()
+    parsed = numeric_value(text)
+    return format_number(parsed) if parsed is not None else text
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    file: str
+    question: str
+    answer: Callable[[dict[str, Any]], str]
+    level: str | None = None
+    id: str | None = None
+
+
+_SPECS: dict[str, _Spec] = {
+    "gsm8k": _Spec("gsm8k_test.jsonl", "question", _gsm8k_answer),
+    "math500": _Spec("math500_test.jsonl", "problem", lambda r: str(r["answer"]), "level", "unique_id"),
+    "aime24": _Spec("aime24_test.jsonl", "problem", lambda r: _number_text(r["answer"]), id="id"),
+    "amc23": _Spec("amc23_test.jsonl", "question", lambda r: _number_text(r["answer"]), id="id"),
+    "mawps_singleop": _Spec("mawps_singleop.jsonl", "input", lambda r: _number_text(r["target"])),
+    "mawps_addsub": _Spec("mawps_addsub.jsonl", "input", lambda r: _number_text(r["target"])),
+}
+_ALIASES = {"math-500": "math500", "math_500": "math500", "gsm8k_test": "gsm8k", "singleop": "mawps_singleop",
+            "addsub": "mawps_addsub"}
+DATASETS = tuple(_SPECS)
+
+
+def data_dir(explicit: str | Path | None = None) -> Path:
+    """Where the named datasets live: ``explicit``, else $APPORTION_DATA_DIR, else ``shared/data``
+    beside the working directory or beside the project checkout."""
+    candidates = [Path(explicit)] if explicit else []
+    if os.environ.get(DATA_ENV):
+        candidates.append(Path(os.environ[DATA_ENV]))
+    here = Path(__file__).resolve()
+    candidates += [Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data",
+                   *(parent.parent / "shared" / "data" for parent in here.parents)]
+    for candidate in candidates:
+        if (candidate / _SPECS["gsm8k"].file).is_file() or (explicit and candidate.is_dir()):
+            return candidate
+    raise ConfigError(f"cannot find the shared data folder; pass --data-dir or set {DATA_ENV}")
+
+
+def load_dataset(name: str, *, data: str | Path | None = None, limit: int | None = None,
+                 question_field: str | None = None, answer_field: str | None = None,
+                 level_field: str | None = None) -> list[Problem]:
+    """Problems of a named dataset, or of a JSONL file (``name`` is then its path; give
+    ``question_field`` and ``answer_field`` unless they are ``question`` and ``answer``)."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be >= 1, got {limit}")
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key in _SPECS and not Path(name).is_file():
+        spec = _SPECS[key]
+        path = data_dir(data) / spec.file
+        problems = _read(path, spec, question_field, answer_field, level_field, limit)
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"unknown dataset {name!r}: not one of {', '.join(DATASETS)} and not a file")
+        spec = _Spec(path.name, question_field or "question",
+                     lambda r, f=answer_field or "answer": _number_text(r[f]), level_field, "id")
+        problems = _read(path, spec, None, None, level_field, limit)
+    if not problems:
+        raise ConfigError(f"{path} holds no problems")
+    return problems
+
+
+def _read(path: Path, spec: _Spec, question_field: str | None, answer_field: str | None,
+          level_field: str | None, limit: int | None) -> list[Problem]:
+    qf = question_field or spec.question
+    answer_of = (lambda r: _number_text(r[answer_field])) if answer_field else spec.answer
+    lf = level_field or spec.level
+    problems: list[Problem] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+                question = raw[qf]
+                answer = answer_of(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            except KeyError as exc:
+                raise ConfigError(f"{path}:{number}: no field {exc.args[0]!r} "
+                                  f"(fields: {', '.join(sorted(raw))})") from None
+            if not isinstance(question, str) or not question.strip():
+                raise ConfigError(f"{path}:{number}: field {qf!r} is not a non-empty string")
+            ident = raw.get(spec.id) if spec.id else None
+            level = raw.get(lf) if lf else None
+            problems.append(Problem(str(ident if ident is not None else number), question, answer,
+                                    None if level is None else _level(level)))
+            if limit is not None and len(problems) >= limit:
+                break
+    return problems
+
+
+def _level(value: Any) -> str:
+    text = str(value)
+    match = re.fullmatch(r"(?i)level\s*(\d+)", text.strip())
+    return match.group(1) if match else text
