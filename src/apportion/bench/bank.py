@@ -1,0 +1,153 @@
+"""Sample banks: K samples per question, drawn once, replayed by many algorithms and budgets.
+
+A bank file is JSONL: a header line ``{"bank": 1, ...metadata}`` then one line per question with
+its problem, prompt tokens and samples (text, extracted answer, tokens, log-probabilities,
+optional external score). ``from_math_cot`` reads the real bank shipped in the shared data
+(eight solutions per MATH problem from a math model, with reward-model scores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apportion.answers.extract import extract_answer
+from apportion.answers.normalize import normalize_answer
+from apportion.bench.datasets import Problem
+from apportion.errors import ConfigError
+from apportion.lm.base import Sample
+from apportion.result import Candidate
+
+BANK_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BankSample:
+    text: str
+    answer: str | None
+    output_tokens: int
+    logprobs: tuple[float, ...] | None = None
+    score: float | None = None
+    """An external score (a reward model's), where the bank has one."""
+    raw_answer: str | None = None
+    finish_reason: str = "stop"
+
+    @classmethod
+    def from_sample(cls, sample: Sample) -> BankSample:
+        found = extract_answer(sample.text)
+        return cls(sample.text, normalize_answer(found.text) if found else None, sample.output_tokens,
+                   sample.logprobs, None, found.text if found else None, sample.finish_reason)
+
+    @property
+    def mean_logprob(self) -> float | None:
+        if not self.logprobs:
+            return None
+        return math.fsum(self.logprobs) / len(self.logprobs)
+
+    def candidate(self) -> Candidate:
+        """The candidate a live run would have built from this sample (score included)."""
+        return Candidate(self.text, self.answer, self.raw_answer, "bank" if self.answer else None,
+                         self.finish_reason, self.output_tokens, self.mean_logprob, score=self.score)
+
+
+@dataclass(frozen=True, slots=True)
+class BankEntry:
+    problem: Problem
+    samples: tuple[BankSample, ...]
+    prompt_tokens: int = 0
+    prompt: dict[str, Any] | None = None
+    """The prompt the samples answered (chat messages or text), for replay over HTTP."""
+
+
+@dataclass
+class SampleBank:
+    entries: list[BankEntry]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        """Samples every question has (the largest budget replay can serve)."""
+        return min((len(e.samples) for e in self.entries), default=0)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as out:
+            out.write(json.dumps({"bank": BANK_VERSION, **self.meta}) + "\n")
+            for entry in self.entries:
+                out.write(json.dumps(_entry_dict(entry), ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SampleBank:
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read bank {path}: {exc.strerror or exc}") from None
+        if not lines:
+            raise ConfigError(f"{path} is empty")
+        header = json.loads(lines[0])
+        if header.get("bank") != BANK_VERSION:
+            raise ConfigError(f"{path} is not a sample bank (version {BANK_VERSION} header missing)")
+        meta = {k: v for k, v in header.items() if k != "bank"}
+        entries = [_entry_from(json.loads(line), path, n) for n, line in enumerate(lines[1:], 2) if line.strip()]
+        return cls(entries, meta)
+
+
+def from_math_cot(path: str | Path) -> SampleBank:
+    """The shared bank of real samples: ``code`` (solution texts), ``pred`` (the source's extracted
+    answers), ``pred_score`` (reward-model logits, last step taken), ``gt`` (gold), ``level``.
+
+    Reward logits go through the logistic function: scores in [0, 1], as every scorer gives, so
+    that weighted voting can sum them (a negative logit would otherwise count against its
+    answer); the order, hence plain best-of-N, is unchanged."""
+    entries = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        raw = json.loads(line)
+        texts, preds, scores = raw["code"], raw["pred"], raw["pred_score"]
+        if not (len(texts) == len(preds) == len(scores)):
+            raise ConfigError(f"{path}:{number}: code, pred and pred_score differ in length")
+        samples = tuple(
+            BankSample(text, normalize_answer(pred) if pred else None, 0, None,
+                       _logistic(float(score[-1])) if score else None, pred or None)
+            for text, pred, score in zip(texts, preds, scores))
+        level = str(raw.get("level", "")).replace("Level", "").strip() or None
+        problem = Problem(str(raw.get("idx", number)), raw["question"], str(raw["gt"]), level)
+        entries.append(BankEntry(problem, samples))
+    return SampleBank(entries, {"source": "Qwen2.5-Math eval_rm_maj_example math_cot_100",
+                                "scores": "reward model (pred_score, last step, logistic)"})
+
+
+def _logistic(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _entry_dict(entry: BankEntry) -> dict[str, Any]:
+    return {"problem": asdict(entry.problem), "prompt_tokens": entry.prompt_tokens, "prompt": entry.prompt,
+            "samples": [{k: v for k, v in asdict(s).items() if v is not None} for s in entry.samples]}
+
+
+def _entry_from(raw: dict[str, Any], path: Path, line: int) -> BankEntry:
+    try:
+        samples = tuple(
+            BankSample(s["text"], s.get("answer"), int(s.get("output_tokens", 0)),
+                       tuple(s["logprobs"]) if s.get("logprobs") else None, s.get("score"),
+                       s.get("raw_answer"), s.get("finish_reason", "stop"))
+            for s in raw["samples"])
+        return BankEntry(Problem(**raw["problem"]), samples, int(raw.get("prompt_tokens", 0)), raw.get("prompt"))
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}:{line}: not a bank entry ({exc})") from None
+
+
+def bank_from_samples(problems: Iterable[Problem], samples: Iterable[Iterable[Sample]],
+                      prompt_tokens: Iterable[int], prompts: Iterable[dict[str, Any]],
+                      meta: dict[str, Any]) -> SampleBank:
+    entries = [BankEntry(p, tuple(BankSample.from_sample(s) for s in ss), t, pr)
+               for p, ss, t, pr in zip(problems, samples, prompt_tokens, prompts)]
+    return SampleBank(entries, meta)

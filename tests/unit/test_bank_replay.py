@@ -1,0 +1,109 @@
+"""Replay on the real bank of the shared data: eight sampled solutions per MATH problem with
+reward-model scores. Majority@8 and reward-model best-of-8 computed from real model outputs."""
+
+import json
+
+import pytest
+
+from apportion import Equivalence
+from apportion.answers import normalize_answer
+from apportion.bench.bank import SampleBank, from_math_cot
+from apportion.bench.datasets import load_dataset
+from apportion.bench.replay import replay
+from apportion.errors import ConfigError
+from tests.conftest import DATA
+
+MATH_COT = DATA / "math_cot_100_samples.jsonl"
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return from_math_cot(MATH_COT)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return [json.loads(line) for line in MATH_COT.read_text().splitlines()]
+
+
+def test_bank_reads_every_problem_and_sample(bank):
+    assert len(bank.entries) == 100 and bank.k == 8
+    assert {e.problem.level for e in bank.entries} == {"1", "2", "3", "4", "5"}
+    assert all(0 < s.score < 1 for e in bank.entries for s in e.samples)
+
+
+def test_our_grader_agrees_with_the_sources_correctness_flags(rows):
+    eq = Equivalence()
+    disagreements = [(p, r["gt"], ok) for r in rows for p, ok in zip(r["pred"], r["score"])
+                     if (bool(p) and eq.same(normalize_answer(p), r["gt"])) != ok]
+    # the one disagreement: "10000" against gold "10{,}000", which the source marks wrong
+    assert disagreements == [("10000", "10{,}000", False)]
+
+
+def test_reward_model_best_of_8(bank, rows):
+    point, = replay(bank, "best-of-n", [8], orders=20)
+    # order cannot matter when all eight are used and scores are distinct
+    assert point.accuracy_std == 0
+    eq = Equivalence()
+    expected = sum(
+        eq.same(normalize_answer(r["pred"][i]), r["gt"])
+        for r in rows
+        for i in [max(range(8), key=lambda j: (r["pred_score"][j][-1], -j))]
+    ) / len(rows)
+    assert point.accuracy == expected == 0.95
+    assert point.by_level == {"1": 1.0, "2": 1.0, "3": 23 / 24, "4": 23 / 24, "5": 0.88}
+
+
+def test_majority_at_8_and_the_budget_curve(bank, rows):
+    points = {p.budget: p for p in replay(bank, "self-consistency", [1, 2, 4, 8], orders=200, seed=1)}
+    eq = Equivalence()
+    single = sum(eq.same(normalize_answer(p), r["gt"]) for r in rows for p in r["pred"] if p) / 800
+    assert points[1].accuracy == pytest.approx(single, abs=0.01)  # one random sample per question
+    pass_at_8 = sum(any(r["score"]) for r in rows) / 100
+    assert points[1].accuracy < points[8].accuracy < pass_at_8
+    assert points[8].accuracy == pytest.approx(0.926, abs=0.004)  # ties broken by order: a spread
+    weighted = replay(bank, "weighted-best-of-n", [8], orders=5)[0]
+    assert weighted.accuracy == 0.95
+
+
+def test_replay_rejects_budgets_beyond_the_bank(bank):
+    with pytest.raises(ConfigError, match=r"1\.\.8"):
+        replay(bank, "self-consistency", [16])
+    with pytest.raises(ConfigError, match="cannot replay"):
+        replay(bank, "beam-search", [2])
+
+
+def test_bank_round_trips_through_a_file(bank, tmp_path):
+    path = tmp_path / "bank.jsonl"
+    bank.save(path)
+    again = SampleBank.load(path)
+    assert again.entries == bank.entries and again.meta == bank.meta
+    path.write_text('{"not": "a bank"}\n')
+    with pytest.raises(ConfigError, match="not a sample bank"):
+        SampleBank.load(path)
+
+
+@pytest.mark.parametrize("name, count, first_answer", [
+    ("gsm8k", 1319, "18"), ("math500", 500, None), ("aime24", 30, None), ("amc23", 40, None),
+    ("mawps_singleop", None, "14"), ("mawps_addsub", None, None),
+])
+def test_named_datasets_load(name, count, first_answer):
+    problems = load_dataset(name, data=DATA)
+    if count is not None:
+        assert len(problems) == count
+    assert all(p.question.strip() and p.answer.strip() for p in problems)
+    if first_answer is not None:
+        assert problems[0].answer == first_answer
+    if name == "math500":
+        assert {p.level for p in problems} == {"1", "2", "3", "4", "5"}
+
+
+def test_jsonl_dataset_with_custom_fields(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"q": "1+1?", "a": 2.0, "id": "x"}\n{"q": "2+2?", "a": "4"}\n')
+    problems = load_dataset(str(path), question_field="q", answer_field="a")
+    assert [(p.id, p.question, p.answer) for p in problems] == [("x", "1+1?", "2"), ("2", "2+2?", "4")]
+    with pytest.raises(ConfigError, match="no field 'question'"):
+        load_dataset(str(path))
+    with pytest.raises(ConfigError, match="unknown dataset"):
+        load_dataset("no-such-dataset")
