@@ -107,3 +107,66 @@ def test_jsonl_dataset_with_custom_fields(tmp_path):
         load_dataset(str(path))
     with pytest.raises(ConfigError, match="unknown dataset"):
         load_dataset("no-such-dataset")
+
+
+async def drawn_bank(questions: int = 12, k: int = 8) -> SampleBank:
+    """A bank drawn through a (scripted) backend, as `apportion bench` will draw one."""
+    import random
+
+    from apportion.bench.bank import bank_from_samples
+    from apportion.bench.datasets import Problem
+    from apportion.lm import Prompt, SamplingParams
+    from apportion.lm.scripted import Reply, ScriptedBackend
+
+    rnd = random.Random(5)
+
+    def reply(prompt, params, call, i):
+        answer = rnd.choice(["7", "7", "7", "8", "9", "no idea"])
+        return Reply(f"I think the answer is {answer}", logprob=-rnd.random())
+
+    lm = ScriptedBackend(reply)
+    problems = [Problem(str(q), f"What is {q} + 7 - {q}?", "7") for q in range(questions)]
+    prompts = [Prompt.chat(p.question) for p in problems]
+    completions = [await lm.generate(pr, SamplingParams(n=k, logprobs=True)) for pr in prompts]
+    return bank_from_samples(problems, [c.samples for c in completions],
+                             [c.usage.input_tokens for c in completions], [pr.to_dict() for pr in prompts],
+                             {"model": "scripted"})
+
+
+@pytest.mark.parametrize("algorithm, scorer", [("self-consistency", "bank"), ("best-of-n", "self-certainty"),
+                                               ("weighted-best-of-n", "self-certainty")])
+async def test_live_runs_on_the_replay_backend_match_replay(algorithm, scorer):
+    from apportion import Budget, make_algorithm
+    from apportion.lm.replay import ReplayBackend
+
+    bank = await drawn_bank()
+    eq = Equivalence()
+    for seed in range(4):
+        for budget in (1, 3, 8):
+            lm = ReplayBackend(bank, seed=seed)
+            results = [await make_algorithm(algorithm).run(lm, e.problem.question, Budget(generations=budget))
+                       for e in bank.entries]
+            live = sum(r.answer is not None and eq.same(r.answer, "7") for r in results) / len(results)
+            tokens = sum(r.spent.output_tokens for r in results) / len(results)
+            point, = replay(bank, algorithm, [budget], orders=1, seed=seed, scorer=scorer)
+            assert live == point.accuracy
+            assert tokens == point.output_tokens
+
+
+async def test_replay_backend_serves_without_replacement_and_refuses_strangers():
+    from apportion.errors import ModelNotFound
+    from apportion.lm import Prompt, SamplingParams
+    from apportion.lm.replay import BankExhausted, ReplayBackend
+
+    bank = await drawn_bank(questions=2, k=4)
+    lm = ReplayBackend(bank, seed=0)
+    prompt = Prompt.chat(bank.entries[0].problem.question)
+    first = await lm.generate(prompt, SamplingParams(n=3))
+    second = await lm.generate(prompt, SamplingParams(n=3))
+    assert len(first.samples) == 3 and len(second.samples) == 1
+    served = [s.text for s in first.samples + second.samples]
+    assert sorted(served) == sorted(s.text for s in bank.entries[0].samples)
+    with pytest.raises(BankExhausted):
+        await lm.generate(prompt, SamplingParams(n=1))
+    with pytest.raises(ModelNotFound, match="not in the bank"):
+        await lm.generate(Prompt.chat("something else"), SamplingParams())

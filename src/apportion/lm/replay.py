@@ -1,0 +1,94 @@
+"""A backend that serves a sample bank: each request for a question gets that question's recorded
+samples, without replacement, in a seeded random order, with their real token counts and
+log-probabilities. Any algorithm then runs on recorded samples exactly as on a live model.
+
+The order for a seed is the one ``bench.replay.replay`` uses for its first order with that seed,
+so a live run on this backend and a replay of the bank give the same answers, question by
+question (tested).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from apportion.budget.units import Price, Usage
+from apportion.errors import BackendError, ModelNotFound
+from apportion.lm.base import Capabilities, Completion, Prompt, Sample, SamplingParams
+
+if TYPE_CHECKING:
+    from apportion.bench.bank import BankEntry, SampleBank
+
+
+class BankExhausted(BackendError):
+    """Every recorded sample of a question has been served."""
+
+
+class ReplayBackend:
+    def __init__(self, bank: SampleBank, *, seed: int = 0, model: str | None = None,
+                 price: Price | None = None) -> None:
+        self.bank = bank
+        self._model = model or str(bank.meta.get("model", "bank"))
+        self._price = price or Price()
+        self._by_question = {e.problem.question: i for i, e in enumerate(bank.entries)}
+        rng = np.random.default_rng(seed)
+        self._orders = [list(rng.permutation(len(e.samples))) for e in bank.entries]
+        self._served = [0] * len(bank.entries)
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @property
+    def name(self) -> str:
+        return "replay"
+
+    @property
+    def price(self) -> Price:
+        return self._price
+
+    @property
+    def capabilities(self) -> Capabilities:
+        has_logprobs = any(s.logprobs for e in self.bank.entries for s in e.samples)
+        return Capabilities(native_n=True, logprobs=has_logprobs, continuation=False, prefix_cache=False,
+                            raw_prompt=True, exact_prompt_tokens=True)
+
+    def entry_index(self, prompt: Prompt) -> int:
+        """The bank entry a prompt asks about: matched on its question (the last user message, or
+        the raw text)."""
+        users = [m.content for m in prompt.messages if m.role == "user"]
+        question = users[-1] if users else (prompt.text or "")
+        index = self._by_question.get(question)
+        if index is None:
+            raise ModelNotFound(f"prompt not in the bank: {question[:80]!r}")
+        return index
+
+    async def prompt_tokens(self, prompt: Prompt) -> int:
+        return self.bank.entries[self.entry_index(prompt)].prompt_tokens
+
+    async def generate(self, prompt: Prompt, params: SamplingParams, *,
+                       deadline: float | None = None) -> Completion:
+        started = time.monotonic()
+        index = self.entry_index(prompt)
+        entry = self.bank.entries[index]
+        with self._lock:
+            first = self._served[index]
+            picks = self._orders[index][first : first + params.n]
+            self._served[index] = first + len(picks)
+        if not picks:
+            raise BankExhausted(f"all {len(entry.samples)} recorded samples of this question were served")
+        samples = tuple(_served_sample(entry, int(i), params) for i in picks)
+        usage = Usage(len(samples), entry.prompt_tokens, sum(s.output_tokens for s in samples))
+        return Completion(samples, usage, self.model, time.monotonic() - started)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _served_sample(entry: BankEntry, i: int, params: SamplingParams) -> Sample:
+    s = entry.samples[i]
+    return Sample(s.text, s.finish_reason, s.output_tokens, s.logprobs if params.logprobs else None)
