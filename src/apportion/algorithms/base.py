@@ -14,8 +14,7 @@ from typing import Any, ClassVar
 
 from apportion._sync import run_sync
 from apportion.answers.equivalence import Equivalence
-from apportion.answers.extract import extract_answer
-from apportion.answers.normalize import normalize_answer
+from apportion.answers.extract import read_answer
 from apportion.budget.ledger import Ledger
 from apportion.budget.units import Budget
 from apportion.errors import BudgetError, BudgetExhausted, ConfigError
@@ -79,10 +78,7 @@ class RunContext:
         return self.lm.ledger
 
     def candidate(self, sample: Sample) -> Candidate:
-        found = extract_answer(sample.text)
-        if found is None:
-            return Candidate.from_sample(sample, None, None, None)
-        return Candidate.from_sample(sample, normalize_answer(found.text), found.text, found.method)
+        return Candidate.from_sample(sample, *read_answer(sample.text))
 
     def result(self, *, answer: str | None, response: str | None, candidates: Sequence[Candidate],
                distribution: dict[str, float], final: bool) -> Result:

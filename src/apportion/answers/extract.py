@@ -48,6 +48,17 @@ def extract_answer(text: str) -> Extracted | None:
     return None
 
 
+def read_answer(text: str) -> tuple[str | None, str | None, str | None]:
+    """(normalised answer, answer as written, extraction method), all None when there is none:
+    what every candidate, live or from a bank, records about its answer."""
+    from apportion.answers.normalize import normalize_answer
+
+    found = extract_answer(text)
+    if found is None:
+        return None, None, None
+    return normalize_answer(found.text), found.text, found.method
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` with balanced braces; None if absent or unclosed."""
     starts = [m.end() for m in _BOX_OPEN_RE.finditer(text)]

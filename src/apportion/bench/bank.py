@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apportion.answers.extract import extract_answer
+from apportion.answers.extract import read_answer
 from apportion.answers.normalize import normalize_answer
 from apportion.bench.datasets import Problem
 from apportion.errors import ConfigError
@@ -36,11 +36,13 @@ class BankSample:
     raw_answer: str | None = None
     finish_reason: str = "stop"
 
+    method: str | None = None
+
     @classmethod
     def from_sample(cls, sample: Sample) -> BankSample:
-        found = extract_answer(sample.text)
-        return cls(sample.text, normalize_answer(found.text) if found else None, sample.output_tokens,
-                   sample.logprobs, None, found.text if found else None, sample.finish_reason)
+        answer, raw, method = read_answer(sample.text)
+        return cls(sample.text, answer, sample.output_tokens, sample.logprobs, None, raw,
+                   sample.finish_reason, method)
 
     @property
     def mean_logprob(self) -> float | None:
@@ -50,7 +52,7 @@ class BankSample:
 
     def candidate(self) -> Candidate:
         """The candidate a live run would have built from this sample (score included)."""
-        return Candidate(self.text, self.answer, self.raw_answer, "bank" if self.answer else None,
+        return Candidate(self.text, self.answer, self.raw_answer, self.method,
                          self.finish_reason, self.output_tokens, self.mean_logprob, score=self.score)
 
 
@@ -115,7 +117,8 @@ def from_math_cot(path: str | Path) -> SampleBank:
             raise ConfigError(f"{path}:{number}: code, pred and pred_score differ in length")
         samples = tuple(
             BankSample(text, normalize_answer(pred) if pred else None, 0, None,
-                       _logistic(float(score[-1])) if score else None, pred or None)
+                       _logistic(float(score[-1])) if score else None, pred or None, "stop",
+                       "source" if pred else None)
             for text, pred, score in zip(texts, preds, scores))
         level = str(raw.get("level", "")).replace("Level", "").strip() or None
         problem = Problem(str(raw.get("idx", number)), raw["question"], str(raw["gt"]), level)
@@ -138,7 +141,7 @@ def _entry_from(raw: dict[str, Any], path: Path, line: int) -> BankEntry:
         samples = tuple(
             BankSample(s["text"], s.get("answer"), int(s.get("output_tokens", 0)),
                        tuple(s["logprobs"]) if s.get("logprobs") else None, s.get("score"),
-                       s.get("raw_answer"), s.get("finish_reason", "stop"))
+                       s.get("raw_answer"), s.get("finish_reason", "stop"), s.get("method"))
             for s in raw["samples"])
         return BankEntry(Problem(**raw["problem"]), samples, int(raw.get("prompt_tokens", 0)), raw.get("prompt"))
     except (KeyError, TypeError) as exc:

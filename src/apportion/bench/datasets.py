@@ -92,9 +92,8 @@ def load_dataset(name: str, *, data: str | Path | None = None, limit: int | None
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"unknown dataset {name!r}: not one of {', '.join(DATASETS)} and not a file")
-        spec = _Spec(path.name, question_field or "question",
-                     lambda r, f=answer_field or "answer": _number_text(r[f]), level_field, "id")
-        problems = _read(path, spec, None, None, level_field, limit)
+        spec = _Spec(path.name, "question", lambda r: _number_text(r["answer"]), id="id")
+        problems = _read(path, spec, question_field, answer_field, level_field, limit)
     if not problems:
         raise ConfigError(f"{path} holds no problems")
     return problems

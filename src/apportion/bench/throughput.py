@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,12 @@ async def measure(lm: Backend, config: ThroughputConfig) -> dict[str, Any]:
         base = SamplingParams(max_tokens=config.max_tokens, temperature=0.8, top_p=0.95, seed=seed,
                               logprobs=True)
         for n in (1, 8):
-            await timed(f"n={n}", SamplingParams(**{**_fields(base), "n": n}))
-            await timed(f"n={n} fixed length", SamplingParams(**{**_fields(base), "n": n, "ignore_eos": True}))
+            await timed(f"n={n}", replace(base, n=n))
+            await timed(f"n={n} fixed length", replace(base, n=n, ignore_eos=True))
         started = time.perf_counter()
         result = await sc.run(lm, QUESTION, Budget(generations=8), seed=seed)
         sc_wall = time.perf_counter() - started
-        await timed("bare n=8 (same samples as self-consistency)", SamplingParams(**{**_fields(base), "n": 8}))
+        await timed("bare n=8 (same samples as self-consistency)", replace(base, n=8))
         bare = runs["bare n=8 (same samples as self-consistency)"][-1]
         if bare["tokens"] != result.spent.output_tokens:
             raise RuntimeError("the bare request did not reproduce self-consistency's samples")
@@ -74,11 +74,7 @@ async def measure(lm: Backend, config: ThroughputConfig) -> dict[str, Any]:
         "self_consistency_over_bare_wall": statistics.median(
             r["ratio_to_bare"] for r in runs["self-consistency budget 8"]),
     }
-    return {"config": _fields(config), "model": lm.model, "backend": lm.name, "runs": runs, "summary": summary}
-
-
-def _fields(obj: Any) -> dict[str, Any]:
-    return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
+    return {"config": asdict(config), "model": lm.model, "backend": lm.name, "runs": runs, "summary": summary}
 
 
 def write(report: dict[str, Any], out: Path) -> None:

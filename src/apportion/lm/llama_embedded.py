@@ -2,9 +2,9 @@
 
 The ``n`` samples of a request are decoded together: the prompt is decoded once into sequence 0
 and its KV entries copied to each sample's sequence, then each step puts one token per live
-sequence into a single ``llama_batch``; each sequence has its own random stream (seed + index). The prompt
-of the previous request stays in sequence 0 as a prefix cache, so repeated rounds on one prompt
-(and step-wise search that extends a prefix) skip its prefill.
+sequence into a single ``llama_batch``; each sequence has its own random stream (seed + index).
+The prompt of the previous request stays in sequence 0 as a prefix cache, so repeated rounds on
+one prompt (and step-wise search that extends a prefix) skip its prefill.
 
 Log-probabilities are those of the sampled tokens under the model's own distribution
 (temperature 1), from a log-softmax over the full vocabulary.

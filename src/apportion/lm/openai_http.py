@@ -120,9 +120,14 @@ class OpenAIHTTPBackend:
         )
 
     async def prompt_tokens(self, prompt: Prompt) -> int:
+        return self._prompt_estimate(prompt)
+
+    def _prompt_estimate(self, prompt: Prompt) -> int:
+        """Exact once the server has reported this prompt's tokens; an upper bound before."""
         known = self._prompt_cache.get(prompt.key())
-        if known is not None:
-            return known
+        return known if known is not None else self._prompt_bound(prompt)
+
+    def _prompt_bound(self, prompt: Prompt) -> int:
         return prompt.content_bytes() + self._overhead + 8 * len(prompt.messages)
 
     async def generate(self, prompt: Prompt, params: SamplingParams, *,
@@ -276,7 +281,7 @@ class OpenAIHTTPBackend:
             key = prompt.key()
             if key not in self._prompt_cache:
                 self._prompt_cache[key] = usage.input_tokens
-                bound = prompt.content_bytes() + self._overhead + 8 * len(prompt.messages)
+                bound = self._prompt_bound(prompt)
                 if usage.input_tokens > bound:
                     self._overhead += usage.input_tokens - bound + 16
         return samples, usage
@@ -346,8 +351,7 @@ class OpenAIHTTPBackend:
         completion_tokens = _int(usage_raw, "completion_tokens")
         estimated = prompt_tokens is None or completion_tokens is None
         if prompt_tokens is None:
-            prompt_tokens = self._prompt_cache.get(prompt.key()) or (
-                prompt.content_bytes() + self._overhead + 8 * len(prompt.messages))
+            prompt_tokens = self._prompt_estimate(prompt)
         if completion_tokens is None:
             completion_tokens = sum(min(params.max_tokens, s.output_tokens or _estimate_tokens(s.text))
                                     for s in samples)

@@ -37,6 +37,7 @@ class ReplayBackend:
         rng = np.random.default_rng(seed)
         self._orders = [list(rng.permutation(len(e.samples))) for e in bank.entries]
         self._served = [0] * len(bank.entries)
+        self._logprobs = any(s.logprobs for e in bank.entries for s in e.samples)
         self._lock = threading.Lock()
 
     @property
@@ -53,8 +54,7 @@ class ReplayBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        has_logprobs = any(s.logprobs for e in self.bank.entries for s in e.samples)
-        return Capabilities(native_n=True, logprobs=has_logprobs, continuation=False, prefix_cache=False,
+        return Capabilities(native_n=True, logprobs=self._logprobs, continuation=False, prefix_cache=False,
                             raw_prompt=True, exact_prompt_tokens=True)
 
     def entry_index(self, prompt: Prompt) -> int:
