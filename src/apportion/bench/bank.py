@@ -63,6 +63,10 @@ class BankEntry:
     prompt_tokens: int = 0
     prompt: dict[str, Any] | None = None
     """The prompt the samples answered (chat messages or text), for replay over HTTP."""
+    seconds: float = 0.0
+    """Wall time of the request that drew the samples (0 when unknown)."""
+    estimated: bool = False
+    """The token counts were estimated (the server reported no usage)."""
 
 
 @dataclass
@@ -76,12 +80,9 @@ class SampleBank:
         return min((len(e.samples) for e in self.entries), default=0)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as out:
-            out.write(json.dumps({"bank": BANK_VERSION, **self.meta}) + "\n")
+        with BankWriter(path, self.meta) as writer:
             for entry in self.entries:
-                out.write(json.dumps(_entry_dict(entry), ensure_ascii=False) + "\n")
+                writer.add(entry)
 
     @classmethod
     def load(cls, path: str | Path) -> SampleBank:
@@ -98,6 +99,52 @@ class SampleBank:
         meta = {k: v for k, v in header.items() if k != "bank"}
         entries = [_entry_from(json.loads(line), path, n) for n, line in enumerate(lines[1:], 2) if line.strip()]
         return cls(entries, meta)
+
+
+class BankWriter:
+    """Writes a bank as its entries arrive, one flushed line each, so a long draw that is cut off
+    keeps what it drew (``open_bank`` reads a partial file; ``bench --resume`` continues it)."""
+
+    def __init__(self, path: str | Path, meta: dict[str, Any], *, append: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not (append and self.path.is_file() and self.path.stat().st_size)
+        self._out = self.path.open("w" if fresh else "a", encoding="utf-8")
+        if fresh:
+            self._out.write(json.dumps({"bank": BANK_VERSION, **meta}) + "\n")
+            self._out.flush()
+
+    def add(self, entry: BankEntry) -> None:
+        self._out.write(json.dumps(_entry_dict(entry), ensure_ascii=False) + "\n")
+        self._out.flush()
+
+    def close(self) -> None:
+        self._out.close()
+
+    def __enter__(self) -> BankWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_bank(path: str | Path) -> SampleBank:
+    """A bank file of either kind: ours (with the version header) or the shared math_cot file."""
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            first = handle.readline()
+    except OSError as exc:
+        raise ConfigError(f"cannot read bank {path}: {exc.strerror or exc}") from None
+    try:
+        head = json.loads(first)
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path}:1: not JSON, so not a sample bank") from None
+    if isinstance(head, dict) and "bank" in head:
+        return SampleBank.load(path)
+    if isinstance(head, dict) and {"code", "pred", "gt"} <= head.keys():
+        return from_math_cot(path)
+    raise ConfigError(f"{path} is neither an apportion bank nor a math_cot sample file")
 
 
 def from_math_cot(path: str | Path) -> SampleBank:
@@ -133,6 +180,7 @@ def _logistic(x: float) -> float:
 
 def _entry_dict(entry: BankEntry) -> dict[str, Any]:
     return {"problem": asdict(entry.problem), "prompt_tokens": entry.prompt_tokens, "prompt": entry.prompt,
+            "seconds": round(entry.seconds, 4), "estimated": entry.estimated,
             "samples": [{k: v for k, v in asdict(s).items() if v is not None} for s in entry.samples]}
 
 
@@ -143,7 +191,8 @@ def _entry_from(raw: dict[str, Any], path: Path, line: int) -> BankEntry:
                        tuple(s["logprobs"]) if s.get("logprobs") else None, s.get("score"),
                        s.get("raw_answer"), s.get("finish_reason", "stop"), s.get("method"))
             for s in raw["samples"])
-        return BankEntry(Problem(**raw["problem"]), samples, int(raw.get("prompt_tokens", 0)), raw.get("prompt"))
+        return BankEntry(Problem(**raw["problem"]), samples, int(raw.get("prompt_tokens", 0)), raw.get("prompt"),
+                         float(raw.get("seconds", 0.0)), bool(raw.get("estimated", False)))
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"{path}:{line}: not a bank entry ({exc})") from None
 

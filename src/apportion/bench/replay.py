@@ -38,6 +38,12 @@ class ReplayPoint:
     """Mean output tokens spent per question."""
     orders: int
     by_level: dict[str, float]
+    per_question: tuple[float, ...] = ()
+    """Each question's rate of being answered right over the orders (their mean is ``accuracy``)."""
+    per_question_tokens: tuple[float, ...] = ()
+    """Each question's mean output tokens over the orders."""
+    first_answers: tuple[str | None, ...] = ()
+    """The answer each question got in the first order (the one ReplayBackend serves for ``seed``)."""
 
 
 def replay(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, orders: int = 100, seed: int = 0,
@@ -55,19 +61,22 @@ def replay(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, orders: 
     grades = _Grades(bank, eq)
     rng = np.random.default_rng(seed)
     per_budget: dict[int, list[list[bool]]] = {b: [] for b in budgets}
-    tokens: dict[int, list[float]] = {b: [] for b in budgets}
+    tokens: dict[int, list[list[int]]] = {b: [] for b in budgets}
+    first: dict[int, list[str | None]] = {}
     for _ in range(orders):
         perms = [rng.permutation(len(c)) for c in candidates]
         for b in budgets:
-            right, spent = [], 0
+            right, spent, answers = [], [], []
             for q, (cands, perm) in enumerate(zip(candidates, perms)):
                 chosen = [cands[i] for i in perm[:b]]
-                spent += sum(c.output_tokens for c in chosen)
-                right.append(grades.correct(q, _select(algorithm, chosen, eq).winner))
+                spent.append(sum(c.output_tokens for c in chosen))
+                answers.append(_select(algorithm, chosen, eq).winner)
+                right.append(grades.correct(q, answers[-1]))
             per_budget[b].append(right)
-            tokens[b].append(spent / len(candidates))
+            tokens[b].append(spent)
+            first.setdefault(b, answers)
     return [_point(algorithm, scorer if algorithm != "self-consistency" else None, b, per_budget[b],
-                   tokens[b], bank) for b in budgets]
+                   tokens[b], first[b], bank) for b in budgets]
 
 
 def _select(algorithm: str, chosen: list[Candidate], eq: Equivalence) -> Tally:
@@ -100,14 +109,17 @@ class _Grades:
         return self._cache[key]
 
 
-def _point(algorithm: str, scorer: str | None, budget: int, runs: list[list[bool]], tokens: list[float],
-           bank: SampleBank) -> ReplayPoint:
+def _point(algorithm: str, scorer: str | None, budget: int, runs: list[list[bool]], tokens: list[list[int]],
+           first: list[str | None], bank: SampleBank) -> ReplayPoint:
     accuracies = [sum(r) / len(r) for r in runs]
+    per_question = tuple(sum(col) / len(runs) for col in zip(*runs))
+    per_question_tokens = tuple(sum(col) / len(runs) for col in zip(*tokens))
     levels: dict[str, list[bool]] = {}
     for run in runs:
         for entry, ok in zip(bank.entries, run):
             if entry.problem.level is not None:
                 levels.setdefault(entry.problem.level, []).append(ok)
     return ReplayPoint(algorithm, scorer, budget, statistics.fmean(accuracies), statistics.pstdev(accuracies),
-                       statistics.fmean(tokens), len(runs),
-                       {level: sum(v) / len(v) for level, v in sorted(levels.items())})
+                       statistics.fmean(per_question_tokens), len(runs),
+                       {level: sum(v) / len(v) for level, v in sorted(levels.items())},
+                       per_question, per_question_tokens, tuple(first))

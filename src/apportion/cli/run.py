@@ -1,10 +1,9 @@
-"""The ``apportion`` command line."""
+"""``apportion run``: answer a prompt, or a file of prompts, within a budget."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,46 +13,33 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from apportion import __version__
-from apportion.algorithms.base import DEFAULT_SYSTEM_PROMPT, SamplingOptions, check_budget_can_bind
+from apportion.algorithms.base import check_budget_can_bind
 from apportion.algorithms.registry import ALGORITHMS, make_algorithm
 from apportion.batch import answer_many, read_items
-from apportion.budget.prices import PriceTable
-from apportion.budget.units import Budget, Price
-from apportion.errors import ApportionError, ConfigError, ModelNotFound
-from apportion.lm.base import Backend
-from apportion.lm.llama_embedded import EmbeddedOptions, LlamaEmbeddedBackend
-from apportion.lm.openai_http import HTTPOptions, OpenAIHTTPBackend
-from apportion.result import Result
-from apportion.reward import SCORERS
-from apportion.reward.base import OutcomeScorer
-
-app = typer.Typer(
-    name="apportion",
-    help="Budget-controlled inference-time scaling: spend a budget of generations, tokens, "
-    "dollars or seconds on test-time algorithms and get the best answer with an exact account.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+from apportion.budget.units import Budget
+from apportion.cli._app import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    ApiKeyOpt,
+    BaseUrlOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    ModelPathOpt,
+    PriceFileOpt,
+    PriceOpt,
+    ScorerOpt,
+    SystemPromptOpt,
+    TemperatureOpt,
+    TopPOpt,
+    app,
+    make_backend,
+    make_scorer,
+    sampling_options,
 )
-
-# Exit codes: 2 for bad input (as click does for usage errors), 1 for failures at run time.
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"apportion {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
-) -> None:
-    """apportion: budget-controlled inference-time scaling."""
+from apportion.errors import ApportionError, ConfigError
+from apportion.lm.base import Backend
+from apportion.lm.openai_http import OpenAIHTTPBackend
+from apportion.result import Result
 
 
 @app.command()
@@ -65,23 +51,17 @@ def run(
     budget: Annotated[str, typer.Option("--budget", "-b",
         help="Generations ('8'), or unit=value pairs: 'gen=8,tokens=4000,usd=0.01,seconds=30' "
              "(units: gen, input, output, tokens, usd, seconds).")] = "8",
-    base_url: Annotated[str | None, typer.Option(
-        help="An OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1. Default: the embedded model.")] = None,
-    model: Annotated[str | None, typer.Option(help="Model name on the server (required with --base-url).")] = None,
-    api_key: Annotated[str | None, typer.Option(
-        help="API key for the server (default: $OPENAI_API_KEY).")] = None,
-    model_path: Annotated[Path | None, typer.Option(
-        help="A GGUF file for the embedded backend instead of SmolLM2-135M-Instruct.")] = None,
-    price: Annotated[str | None, typer.Option(
-        help="USD per million input,output tokens, e.g. '0.15,0.6' (default: the built-in table).")] = None,
-    price_file: Annotated[Path | None, typer.Option(help="JSON file of model -> [input, output] prices.")] = None,
-    scorer: Annotated[str, typer.Option(
-        help=f"Outcome scorer for best-of-n: {', '.join(sorted(set(SCORERS)))}.")] = "self-certainty",
-    max_tokens: Annotated[int, typer.Option(help="Most tokens per sample.")] = 512,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
-    system_prompt: Annotated[str | None, typer.Option(
-        help="System prompt ('' for none). Default asks for a final 'The answer is X' line.")] = None,
+    base_url: BaseUrlOpt = None,
+    model: ModelOpt = None,
+    api_key: ApiKeyOpt = None,
+    model_path: ModelPathOpt = None,
+    price: PriceOpt = None,
+    price_file: PriceFileOpt = None,
+    scorer: ScorerOpt = "self-certainty",
+    max_tokens: MaxTokensOpt = 512,
+    temperature: TemperatureOpt = 0.8,
+    top_p: TopPOpt = 0.95,
+    system_prompt: SystemPromptOpt = None,
     seed: Annotated[int | None, typer.Option(help="Seed, for reproducible sampling.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (JSONL with --file).")] = False,
     trace: Annotated[bool, typer.Option(help="Include the per-call trace in JSON output.")] = False,
@@ -95,10 +75,7 @@ def run(
     console = Console(stderr=True)
     try:
         parsed_budget = Budget.parse(budget)
-        sampling = SamplingOptions(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            system_prompt=DEFAULT_SYSTEM_PROMPT if system_prompt is None else (system_prompt or None),
-        )
+        sampling = sampling_options(max_tokens, temperature, top_p, system_prompt)
         if (prompt is None) == (file is None):
             raise ConfigError("give either a PROMPT or --file (not both)")
         if file is not None and out is None:
@@ -107,9 +84,9 @@ def run(
             prompt = sys.stdin.read()
         if prompt is not None and not prompt.strip():
             raise ConfigError("the prompt is empty")
-        chosen_scorer = _scorer(scorer)
+        chosen_scorer = make_scorer(scorer)
         make_algorithm(algorithm, sampling, chosen_scorer)  # validates the name before any work
-        backend = _backend(base_url, model, api_key, model_path, price, price_file)
+        backend = make_backend(base_url, model, api_key, model_path, price, price_file)
         check_budget_can_bind(parsed_budget, backend)
     except ApportionError as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -134,68 +111,6 @@ def run(
         typer.echo(json.dumps(result.to_dict(trace=trace), ensure_ascii=False))
     else:
         _render(result, Console())
-
-
-bench_app = typer.Typer(help="Benchmarks that print figures and write JSON.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-
-
-@bench_app.command("throughput")
-def bench_throughput(
-    repeats: Annotated[int, typer.Option(help="Interleaved repeats per configuration.")] = 3,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens per sample.")] = 256,
-    seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
-    model_path: Annotated[Path | None, typer.Option(help="A GGUF instead of the embedded model.")] = None,
-    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("runs/throughput.json"),
-) -> None:
-    """Embedded backend: tokens/s at n=1 and n=8, and self-consistency's wall time over a bare request."""
-    from apportion.bench.throughput import ThroughputConfig, measure, write
-
-    console = Console()
-    try:
-        backend = _backend(None, None, None, model_path, None, None)
-        report = asyncio.run(measure(backend, ThroughputConfig(repeats, max_tokens, seed)))
-    except ApportionError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(EXIT_FAILURE) from None
-    write(report, out)
-    table = Table(title=f"{report['model']} ({report['backend']}), {repeats} repeats, max_tokens={max_tokens}")
-    for column in ("configuration", "median tokens/s", "median seconds", "mean tokens"):
-        table.add_column(column, justify="left" if column == "configuration" else "right")
-    for name, row in report["summary"].items():
-        if name != "ratios":
-            table.add_row(name, f"{row['median_tokens_per_s']:.1f}", f"{row['median_seconds']:.2f}",
-                          f"{row['mean_tokens']:.0f}")
-    console.print(table)
-    for name, value in report["summary"]["ratios"].items():
-        console.print(f"{name}: {value:.2f}")
-    console.print(f"wrote {out}")
-
-
-def _backend(base_url: str | None, model: str | None, api_key: str | None, model_path: Path | None,
-             price: str | None, price_file: Path | None) -> Backend:
-    table = PriceTable.from_json(price_file) if price_file else PriceTable()
-    if base_url is None:
-        if model_path is not None and not model_path.is_file():
-            raise ModelNotFound(f"model file not found: {model_path}")
-        name = model or (model_path.stem if model_path else None)
-        chosen = Price.parse(price) if price else (table.lookup(name) if name else None) or Price()
-        embedded = LlamaEmbeddedBackend(EmbeddedOptions(
-            model_path=str(model_path) if model_path else None, model_name=name, price=chosen))
-        embedded.load()  # a missing model is a usage error, reported before any work
-        return embedded
-    if not model:
-        raise ConfigError("--base-url needs --model, the model name the server serves")
-    chosen = Price.parse(price) if price else (table.lookup(model) or Price())
-    key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-    return OpenAIHTTPBackend(HTTPOptions(base_url=base_url, model=model, api_key=key, price=chosen))
-
-
-def _scorer(name: str) -> OutcomeScorer:
-    factory = SCORERS.get(name)
-    if factory is None:
-        raise ConfigError(f"unknown scorer {name!r}; known: {', '.join(sorted(set(SCORERS)))}")
-    return factory()
 
 
 async def _run_one(algorithm: Any, backend: Backend, prompt: str, budget: Budget,
@@ -272,9 +187,3 @@ def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.3f}"
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,203 @@
+"""``apportion bench``: run the grid and write a run directory.
+
+A run directory holds:
+
+- ``bank.jsonl``: the sample bank (every raw sample: text, extracted answer, tokens, log-probs),
+  when any cell is replayed; written as it is drawn, so ``--resume`` continues a cut-off draw;
+- ``samples.jsonl``: for live cells, every run's full result (candidates with their texts);
+- ``results.jsonl``: one line per cell and question (right or not, answer, tokens, dollars);
+- ``summary.json``: the configuration and one row per cell (the format ``report`` reads).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from apportion import __version__
+from apportion.answers.equivalence import Equivalence
+from apportion.bench.bank import BankWriter, SampleBank
+from apportion.bench.datasets import Problem
+from apportion.bench.grid import GridOptions, Progress, QuestionOutcome, Row, draw_bank, live_cell, replay_cells
+from apportion.budget.units import Price
+from apportion.errors import ConfigError
+from apportion.lm.base import Backend
+
+SUMMARY_VERSION = 1
+
+
+@dataclass
+class BenchSpec:
+    """What to run: the questions, the grid, and where they come from (for the summary)."""
+
+    problems: list[Problem]
+    options: GridOptions
+    dataset: str
+    out: Path
+    bank: SampleBank | None = None
+    """A bank given up front (``--bank``): nothing is sampled, every cell is replayed."""
+    resume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchOutcome:
+    summary: dict[str, Any]
+    rows: list[Row]
+
+
+class _Sinks:
+    def __init__(self, out: Path) -> None:
+        self.results: TextIO = (out / "results.jsonl").open("w", encoding="utf-8")
+        self.samples: TextIO | None = None
+        self._out = out
+
+    def record(self, row: Row, outcomes: Sequence[QuestionOutcome]) -> None:
+        for o in outcomes:
+            line = {"system": row.system, "algorithm": row.algorithm, "scorer": row.scorer, "budget": row.budget,
+                    "mode": row.mode, "question_id": o.problem.id, "level": o.problem.level,
+                    "gold": o.problem.answer, "answer": o.answer, "right": o.right,
+                    "input_tokens": o.input_tokens, "output_tokens": o.output_tokens, "usd": o.usd,
+                    "error": o.error}
+            self.results.write(json.dumps(line, ensure_ascii=False) + "\n")
+            if o.extra:
+                if self.samples is None:
+                    self.samples = (self._out / "samples.jsonl").open("w", encoding="utf-8")
+                self.samples.write(json.dumps({"system": row.system, "algorithm": row.algorithm,
+                                               "budget": row.budget, "question_id": o.problem.id, **o.extra},
+                                              ensure_ascii=False) + "\n")
+        self.results.flush()
+
+    def close(self) -> None:
+        self.results.close()
+        if self.samples is not None:
+            self.samples.close()
+
+
+async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progress | None = None) -> BenchOutcome:
+    options = spec.options
+    replayed = [a for a in options.algorithms if options.replayed(a)]
+    live = [a for a in options.algorithms if not options.replayed(a)]
+    if spec.bank is not None and live:
+        raise ConfigError(f"a given bank can only be replayed; these need a model: {', '.join(live)} "
+                          "(use a replayable scorer, or drop --bank)")
+    if live and backend is None:
+        raise ConfigError("live cells need a backend")
+    spec.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    eq = Equivalence()
+    bank = spec.bank
+    if replayed and bank is None:
+        assert backend is not None
+        bank = await _draw(spec, backend, progress)
+    if bank is not None and options.bank_size > bank.k:
+        raise ConfigError(f"budget {options.bank_size} exceeds the bank's {bank.k} samples per question")
+    sinks = _Sinks(spec.out)
+    rows: list[Row] = []
+    try:
+        price = backend.price if backend is not None else Price()
+        for algorithm in replayed:
+            assert bank is not None
+            for row, outcomes in replay_cells(bank, algorithm, options.budgets, scorer=options.scorer,
+                                              orders=options.orders, seed=options.seed, price=price,
+                                              equivalence=eq):
+                rows.append(row)
+                sinks.record(row, outcomes)
+            if progress is not None:
+                progress("replay", replayed.index(algorithm) + 1, len(replayed))
+        for algorithm in live:
+            assert backend is not None
+            for budget in options.budgets:
+                row, outcomes = await live_cell(backend, spec.problems, algorithm, budget, options,
+                                                equivalence=eq, progress=progress)
+                rows.append(row)
+                sinks.record(row, outcomes)
+    finally:
+        sinks.close()
+    summary = _summary(spec, backend, bank, rows, time.monotonic() - started)
+    (spec.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
+    return BenchOutcome(summary, rows)
+
+
+async def _draw(spec: BenchSpec, backend: Backend, progress: Progress | None) -> SampleBank:
+    options = spec.options
+    path = spec.out / "bank.jsonl"
+    have: dict[str, Any] = {}
+    if spec.resume and path.is_file():
+        previous = SampleBank.load(path)
+        _check_resumable(previous, backend, options)
+        have = {e.problem.id: e for e in previous.entries}
+    todo = [p for p in spec.problems if p.id not in have]
+    total, done = len(spec.problems), len(spec.problems) - len(todo)
+    meta = {"dataset": spec.dataset, "model": backend.model, "backend": backend.name, "k": options.bank_size,
+            "seed": options.seed, "sampling": asdict(options.sampling), "created": _now()}
+    if progress is not None:
+        progress("sampling", done, total)
+
+    def saved(entry: Any) -> None:
+        nonlocal done
+        writer.add(entry)
+        done += 1
+        if progress is not None:
+            progress("sampling", done, total)
+
+    # Seeds follow the question's position in the dataset, so a resumed draw samples as one
+    # uninterrupted draw would have.
+    index = {p.id: i for i, p in enumerate(spec.problems)}
+    with BankWriter(path, meta, append=bool(have)) as writer:
+        await draw_bank(backend, todo, options.bank_size, options.sampling,
+                        seeds=[options.seed + index[p.id] for p in todo], concurrency=options.concurrency,
+                        on_entry=saved)
+    drawn = SampleBank.load(path)
+    by_id = {e.problem.id: e for e in drawn.entries}
+    bank = SampleBank([by_id[p.id] for p in spec.problems], drawn.meta)
+    if [e.problem.id for e in drawn.entries] != [p.id for p in spec.problems]:
+        # entries land in completion order; the file keeps dataset order, as an uncut draw would
+        partial = path.with_suffix(".tmp")
+        bank.save(partial)
+        partial.replace(path)
+    return bank
+
+
+def _check_resumable(previous: SampleBank, backend: Backend, options: GridOptions) -> None:
+    meta = previous.meta
+    wanted = {"model": backend.model, "k": options.bank_size, "seed": options.seed,
+              "sampling": asdict(options.sampling)}
+    for key, value in wanted.items():
+        value = json.loads(json.dumps(value))  # as the header stored it (tuples become lists)
+        if key in meta and meta[key] != value:
+            raise ConfigError(f"cannot resume: the bank was drawn with {key}={meta[key]!r}, this run has {value!r}")
+
+
+def _summary(spec: BenchSpec, backend: Backend | None, bank: SampleBank | None, rows: list[Row],
+             seconds: float) -> dict[str, Any]:
+    options = spec.options
+    meta = bank.meta if bank is not None else {}
+    return {
+        "version": SUMMARY_VERSION,
+        "run": spec.out.name,
+        "dataset": spec.dataset,
+        "model": backend.model if backend is not None else meta.get("model", "bank"),
+        "backend": backend.name if backend is not None else "replay",
+        "created": _now(),
+        "questions": len(spec.problems),
+        "seconds": round(seconds, 3),
+        "apportion": __version__,
+        "config": {"algorithms": list(options.algorithms), "budgets": list(options.budgets),
+                   "scorer": options.scorer, "orders": options.orders, "seed": options.seed,
+                   "live": options.live, "concurrency": options.concurrency,
+                   "sampling": asdict(options.sampling), "bank_k": bank.k if bank is not None else None,
+                   "bank_seconds": round(sum(e.seconds for e in bank.entries), 3) if bank is not None else None,
+                   **spec.extra},
+        "rows": [r.to_dict() for r in rows],
+    }
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,39 @@
+"""Confidence intervals for accuracy over a set of questions.
+
+Live runs give one right-or-wrong per question: the Wilson score interval, which stays inside
+[0, 1] and behaves at accuracies near 0 or 1 where the normal approximation does not. Replay
+gives each question a rate (right in this fraction of the orders): the normal interval of the
+mean of those rates over questions. Both describe sampling of *questions*; the spread over replay
+orders is reported beside them, not folded in.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+Z95 = 1.959963984540054
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float]:
+    """Interval for the mean of per-question rates in [0, 1]; Wilson's when every rate is 0 or 1
+    (then they are plain right-or-wrong outcomes and the normal interval would be too narrow)."""
+    n = len(values)
+    if n == 0:
+        return (0.0, 1.0)
+    if all(v in (0.0, 1.0) for v in values):
+        return wilson(sum(values), n, z)
+    mean = statistics.fmean(values)
+    half = z * statistics.stdev(values) / math.sqrt(n) if n > 1 else 1.0
+    return (max(0.0, mean - half), min(1.0, mean + half))

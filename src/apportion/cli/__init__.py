@@ -1,0 +1,11 @@
+"""The ``apportion`` command line: one module per group of commands, registered on one app."""
+
+from apportion.cli import bench, run  # noqa: F401  (importing registers their commands)
+from apportion.cli._app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,106 @@
+"""The ``apportion`` Typer application and what its commands share (backends, scorers, errors)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from apportion import __version__
+from apportion.algorithms.base import DEFAULT_SYSTEM_PROMPT, SamplingOptions
+from apportion.budget.prices import PriceTable
+from apportion.budget.units import Price
+from apportion.errors import ConfigError, ModelNotFound
+from apportion.lm.base import Backend
+from apportion.lm.llama_embedded import EmbeddedOptions, LlamaEmbeddedBackend
+from apportion.lm.openai_http import HTTPOptions, OpenAIHTTPBackend
+from apportion.reward import SCORERS
+from apportion.reward.base import OutcomeScorer
+
+app = typer.Typer(
+    name="apportion",
+    help="Budget-controlled inference-time scaling: spend a budget of generations, tokens, "
+    "dollars or seconds on test-time algorithms and get the best answer with an exact account.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Exit codes: 2 for bad input (as click does for usage errors), 1 for failures at run time.
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"apportion {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """apportion: budget-controlled inference-time scaling."""
+
+
+def make_backend(base_url: str | None, model: str | None, api_key: str | None, model_path: Path | None,
+             price: str | None, price_file: Path | None) -> Backend:
+    table = PriceTable.from_json(price_file) if price_file else PriceTable()
+    if base_url is None:
+        if model_path is not None and not model_path.is_file():
+            raise ModelNotFound(f"model file not found: {model_path}")
+        name = model or (model_path.stem if model_path else None)
+        chosen = Price.parse(price) if price else (table.lookup(name) if name else None) or Price()
+        embedded = LlamaEmbeddedBackend(EmbeddedOptions(
+            model_path=str(model_path) if model_path else None, model_name=name, price=chosen))
+        embedded.load()  # a missing model is a usage error, reported before any work
+        return embedded
+    if not model:
+        raise ConfigError("--base-url needs --model, the model name the server serves")
+    chosen = Price.parse(price) if price else (table.lookup(model) or Price())
+    key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+    return OpenAIHTTPBackend(HTTPOptions(base_url=base_url, model=model, api_key=key, price=chosen))
+
+
+def make_scorer(name: str) -> OutcomeScorer:
+    factory = SCORERS.get(name)
+    if factory is None:
+        raise ConfigError(f"unknown scorer {name!r}; known: {', '.join(sorted(set(SCORERS)))}")
+    return factory()
+
+
+
+
+def fail(console: Console, exc: Exception, code: int) -> NoReturn:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(code) from None
+
+
+# Options several commands share, declared once so their names and help stay the same everywhere.
+BaseUrlOpt = Annotated[str | None, typer.Option(
+    "--base-url", help="An OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1. Default: the embedded model.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Model name on the server (required with --base-url).")]
+ApiKeyOpt = Annotated[str | None, typer.Option("--api-key", help="API key for the server (default: $OPENAI_API_KEY).")]
+ModelPathOpt = Annotated[Path | None, typer.Option(
+    "--model-path", help="A GGUF file for the embedded backend instead of SmolLM2-135M-Instruct.")]
+PriceOpt = Annotated[str | None, typer.Option(
+    "--price", help="USD per million input,output tokens, e.g. '0.15,0.6' (default: the built-in table).")]
+PriceFileOpt = Annotated[Path | None, typer.Option(
+    "--price-file", help="JSON file of model -> [input, output] prices.")]
+ScorerOpt = Annotated[str, typer.Option(
+    "--scorer", help=f"Outcome scorer for best-of-n: {', '.join(sorted(set(SCORERS)))}.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="Most tokens per sample.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")]
+SystemPromptOpt = Annotated[str | None, typer.Option(
+    "--system-prompt", help="System prompt ('' for none). Default asks for a final 'The answer is X' line.")]
+
+
+def sampling_options(max_tokens: int, temperature: float, top_p: float, system_prompt: str | None) -> SamplingOptions:
+    return SamplingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                           system_prompt=DEFAULT_SYSTEM_PROMPT if system_prompt is None else (system_prompt or None))

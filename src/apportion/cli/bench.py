@@ -1,0 +1,204 @@
+"""``apportion bench``: the accuracy-versus-spend grid, and the engine's own benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from click.core import ParameterSource
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from apportion.bench.bank import open_bank
+from apportion.bench.datasets import DATASETS, load_dataset
+from apportion.bench.grid import GridOptions, Row
+from apportion.bench.harness import BenchSpec, run_bench
+from apportion.cli._app import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    ApiKeyOpt,
+    BaseUrlOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    ModelPathOpt,
+    PriceFileOpt,
+    PriceOpt,
+    ScorerOpt,
+    SystemPromptOpt,
+    TemperatureOpt,
+    TopPOpt,
+    app,
+    fail,
+    make_backend,
+    sampling_options,
+)
+from apportion.errors import ApportionError, ConfigError
+from apportion.lm.openai_http import OpenAIHTTPBackend
+
+bench_app = typer.Typer(
+    help="Accuracy-versus-spend over a dataset (no subcommand), or the engine's own benchmarks.",
+    invoke_without_command=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
+def bench(
+    ctx: typer.Context,
+    dataset: Annotated[str | None, typer.Option(
+        help=f"A dataset name ({', '.join(DATASETS)}) or a JSONL file.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N questions.")] = None,
+    algorithms: Annotated[str, typer.Option(help="Comma-separated algorithms.")] = "self-consistency,best-of-n",
+    budgets: Annotated[str, typer.Option(help="Comma-separated generation budgets.")] = "1,2,4,8,16",
+    question_field: Annotated[str | None, typer.Option(help="Question field of a JSONL dataset.")] = None,
+    answer_field: Annotated[str | None, typer.Option(help="Gold-answer field of a JSONL dataset.")] = None,
+    level_field: Annotated[str | None, typer.Option(help="Difficulty-level field of a JSONL dataset.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder of the named datasets (default: shared/data).")] = None,
+    bank: Annotated[Path | None, typer.Option(
+        help="Replay this sample bank (ours, or the shared math_cot file) instead of sampling.")] = None,
+    live: Annotated[bool, typer.Option(help="Run every cell live instead of replaying a bank.")] = False,
+    orders: Annotated[int, typer.Option(help="Random sample orders per replayed cell.")] = 100,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<dataset>-<time>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the bank already in --out.")] = False,
+    concurrency: Annotated[int | None, typer.Option(
+        help="Questions in flight at once (default: 1 embedded, 4 over HTTP).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling and replay orders.")] = 0,
+    base_url: BaseUrlOpt = None,
+    model: ModelOpt = None,
+    api_key: ApiKeyOpt = None,
+    model_path: ModelPathOpt = None,
+    price: PriceOpt = None,
+    price_file: PriceFileOpt = None,
+    scorer: ScorerOpt = "self-certainty",
+    max_tokens: MaxTokensOpt = 512,
+    temperature: TemperatureOpt = 0.8,
+    top_p: TopPOpt = 0.95,
+    system_prompt: SystemPromptOpt = None,
+) -> None:
+    """Run algorithms x budgets over a dataset; write a run directory and print the table."""
+    console = Console(stderr=True)
+    if ctx.invoked_subcommand is not None:
+        given = [name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+        if given:
+            fail(console, ConfigError(f"`bench {ctx.invoked_subcommand}` does not take the grid's options "
+                                      f"({', '.join('--' + g.replace('_', '-') for g in given)})"), EXIT_USAGE)
+        return
+    try:
+        if (dataset is None) == (bank is None):
+            raise ConfigError("give --dataset (to sample) or --bank (to replay a bank), not both")
+        options = GridOptions(
+            algorithms=tuple(_split(algorithms, "algorithms")),
+            budgets=tuple(_ints(budgets)),
+            sampling=sampling_options(max_tokens, temperature, top_p, system_prompt),
+            scorer="bank" if bank is not None and scorer == "self-certainty" else scorer,
+            live=live, orders=orders, seed=seed,
+            concurrency=concurrency or (4 if base_url else 1),
+        )
+        given_bank = open_bank(bank) if bank is not None else None
+        if given_bank is not None:
+            problems = [e.problem for e in given_bank.entries][:limit]
+            given_bank.entries = given_bank.entries[: len(problems)]
+            name = bank.stem if bank is not None else "bank"
+            backend = None
+        else:
+            assert dataset is not None
+            problems = load_dataset(dataset, data=data_dir, limit=limit, question_field=question_field,
+                                    answer_field=answer_field, level_field=level_field)
+            name = Path(dataset).stem if dataset.endswith(".jsonl") else dataset
+            backend = make_backend(base_url, model, api_key, model_path, price, price_file)
+        spec = BenchSpec(problems, options, name, out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}",
+                         given_bank, resume)
+    except ApportionError as exc:
+        fail(console, exc, EXIT_USAGE)
+    try:
+        outcome = asyncio.run(_run(spec, backend, console))
+    except ApportionError as exc:
+        fail(console, exc, EXIT_FAILURE)
+    stdout = Console()
+    # Off a terminal rich assumes 80 columns and would fold every cell; a log file can be wide.
+    _table(outcome.rows, outcome.summary, stdout if stdout.is_terminal else Console(width=170))
+    console.print(f"wrote {spec.out}/summary.json (report: apportion report {spec.out})")
+
+
+async def _run(spec: BenchSpec, backend: object, console: Console):  # type: ignore[no-untyped-def]
+    try:
+        if isinstance(backend, OpenAIHTTPBackend):
+            await backend.check()
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as bar:
+            tasks: dict[str, TaskID] = {}
+
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done)
+
+            return await run_bench(spec, backend, progress=progress)  # type: ignore[arg-type]
+    finally:
+        if backend is not None:
+            await backend.aclose()  # type: ignore[attr-defined]
+
+
+def _table(rows: list[Row], summary: dict, console: Console) -> None:  # type: ignore[type-arg]
+    table = Table(title=f"{summary['dataset']}: {summary['questions']} questions, {summary['model']} "
+                        f"({summary['backend']})")
+    for column in ("system", "algorithm", "budget", "mode", "accuracy [95% CI]", "± orders", "in tok", "out tok",
+                   "$ / question", "wall s"):
+        table.add_column(column, justify="left" if column in ("system", "algorithm", "mode") else "right")
+    for r in rows:
+        table.add_row(r.system, r.algorithm + (f" ({r.scorer})" if r.scorer else ""), str(r.budget), r.mode,
+                      f"{100 * r.accuracy:.1f}% [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]",
+                      "-" if r.accuracy_std is None else f"{100 * r.accuracy_std:.1f}",
+                      f"{r.input_tokens:.0f}", f"{r.output_tokens:.0f}", f"{r.usd:.6f}",
+                      ("~" if r.wall_estimated else "") + f"{r.wall_seconds:.1f}"
+                      + (f" ({r.errors} err)" if r.errors else ""))
+    console.print(table)
+
+
+def _split(text: str, what: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts):
+        raise ConfigError(f"--{what}: empty item in {text!r}")
+    return parts
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(p) for p in _split(text, "budgets")]
+    except ValueError:
+        raise ConfigError(f"--budgets must be whole numbers separated by commas, got {text!r}") from None
+
+
+@bench_app.command("throughput")
+def bench_throughput(
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats per configuration.")] = 3,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per sample.")] = 256,
+    seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
+    model_path: Annotated[Path | None, typer.Option(help="A GGUF instead of the embedded model.")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("runs/throughput.json"),
+) -> None:
+    """Embedded backend: tokens/s at n=1 and n=8, and self-consistency's wall time over a bare request."""
+    from apportion.bench.throughput import ThroughputConfig, measure, write
+
+    console = Console()
+    try:
+        backend = make_backend(None, None, None, model_path, None, None)
+        report = asyncio.run(measure(backend, ThroughputConfig(repeats, max_tokens, seed)))
+    except ApportionError as exc:
+        fail(console, exc, EXIT_FAILURE)
+    write(report, out)
+    table = Table(title=f"{report['model']} ({report['backend']}), {repeats} repeats, max_tokens={max_tokens}")
+    for column in ("configuration", "median tokens/s", "median seconds", "mean tokens"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for name, row in report["summary"].items():
+        if name != "ratios":
+            table.add_row(name, f"{row['median_tokens_per_s']:.1f}", f"{row['median_seconds']:.2f}",
+                          f"{row['mean_tokens']:.0f}")
+    console.print(table)
+    for name, value in report["summary"]["ratios"].items():
+        console.print(f"{name}: {value:.2f}")
+    console.print(f"wrote {out}")

@@ -1,0 +1,153 @@
+"""The benchmark grid and its run directory, on a scripted backend whose answers follow known odds."""
+
+import json
+import math
+import random
+
+import pytest
+
+from apportion.algorithms.base import SamplingOptions
+from apportion.bench.bank import SampleBank
+from apportion.bench.datasets import Problem
+from apportion.bench.grid import GridOptions
+from apportion.bench.harness import BenchSpec, run_bench
+from apportion.bench.stats import mean_interval, wilson
+from apportion.errors import BackendError, ConfigError
+from apportion.lm.scripted import Reply, ScriptedBackend
+
+
+def problems(n: int) -> list[Problem]:
+    return [Problem(str(i), f"Question number {i}: what is {i} plus {i}?", str(2 * i), level=str(1 + i % 3))
+            for i in range(n)]
+
+
+def odds(question: str) -> float:
+    """Each question's chance that one sample is right, spread over 0.2..0.8."""
+    i = int(question.split()[2].rstrip(":"))
+    return 0.2 + 0.6 * ((i * 37) % 11) / 10
+
+
+def sampler(prompt, params, call, index):
+    """Seeded answers: right with the question's odds, else one of two wrong answers (so a plurality
+    of right answers is likely exactly when the odds are high). Seven words whatever the answer."""
+    question = prompt.messages[-1].content
+    if not question.startswith("Question number"):  # the judge's prompt
+        return Reply("Score: 7")
+    i = int(question.split()[2].rstrip(":"))
+    rng = random.Random(f"{params.seed}-{index}")
+    answer = 2 * i if rng.random() < odds(question) else 2 * i + rng.choice((1, 2))
+    return Reply(f"So it is. The answer is {answer}.", logprob=-rng.random())
+
+
+def options(**kw) -> GridOptions:
+    base = {"algorithms": ("self-consistency", "best-of-n"), "budgets": (1, 2, 4), "orders": 40,
+            "sampling": SamplingOptions(max_tokens=32, system_prompt="Be brief.")}
+    return GridOptions(**{**base, **kw})
+
+
+async def test_run_directory_holds_bank_results_and_summary(tmp_path):
+    backend = ScriptedBackend(sampler)
+    qs = problems(6)
+    outcome = await run_bench(BenchSpec(qs, options(), "toy", tmp_path / "run"), backend)
+    run = tmp_path / "run"
+    bank = SampleBank.load(run / "bank.jsonl")
+    assert [e.problem for e in bank.entries] == qs and bank.k == 4
+    assert len(backend.calls) == 6 and {c.params.n for c in backend.calls} == {4}  # one n=K request each
+    summary = json.loads((run / "summary.json").read_text())
+    assert [(r["algorithm"], r["budget"]) for r in summary["rows"]] == [
+        ("self-consistency", 1), ("self-consistency", 2), ("self-consistency", 4),
+        ("best-of-n", 1), ("best-of-n", 2), ("best-of-n", 4)]
+    results = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 6 * 6
+    for row in outcome.rows:
+        # every reply is 7 words; a request for b samples reads the prompt once
+        assert row.output_tokens == pytest.approx(7 * row.budget)
+        assert row.input_tokens == pytest.approx(sum(e.prompt_tokens for e in bank.entries) / 6)
+        assert row.ci_low <= row.accuracy <= row.ci_high
+        assert sum(v["questions"] for v in row.by_level.values()) == 6
+        mine = [r["right"] for r in results if r["algorithm"] == row.algorithm and r["budget"] == row.budget]
+        assert sum(mine) / len(mine) == pytest.approx(row.accuracy)
+
+
+async def test_replay_statistics_match_live_runs(tmp_path):
+    """Replayed accuracy at budget b estimates what live runs with b samples get: over 300 questions the
+    two agree within sampling error (the live side is one draw; the bound is 4 of its standard errors)."""
+    qs = problems(300)
+    opts = options(algorithms=("self-consistency",), budgets=(1, 3, 5), orders=60)
+    replayed = await run_bench(BenchSpec(qs, opts, "toy", tmp_path / "replay"), ScriptedBackend(sampler))
+    live = await run_bench(BenchSpec(qs, options(algorithms=("self-consistency",), budgets=(1, 3, 5), live=True,
+                                                 seed=1000, concurrency=8), "toy", tmp_path / "live"),
+                           ScriptedBackend(sampler))
+    for r, lv in zip(replayed.rows, live.rows):
+        assert (r.mode, lv.mode, r.budget) == ("replay", "live", lv.budget)
+        stderr = math.sqrt(lv.accuracy * (1 - lv.accuracy) / len(qs))
+        assert abs(r.accuracy - lv.accuracy) < 4 * stderr, (r.budget, r.accuracy, lv.accuracy)
+        assert r.output_tokens == pytest.approx(lv.output_tokens)
+    # and majority voting does help on these odds, so the comparison is not between flat lines
+    assert replayed.rows[-1].accuracy > replayed.rows[0].accuracy + 0.05
+
+
+async def test_a_cut_off_draw_resumes_with_the_same_samples(tmp_path):
+    qs = problems(5)
+    whole = await run_bench(BenchSpec(qs, options(), "toy", tmp_path / "whole"), ScriptedBackend(sampler))
+
+    def failing(prompt, params, call, index):
+        if call == 3:
+            return Reply("", error=BackendError("server went away"))
+        return sampler(prompt, params, call, index)
+
+    with pytest.raises(BackendError):
+        await run_bench(BenchSpec(qs, options(), "toy", tmp_path / "cut"), ScriptedBackend(failing))
+    kept = SampleBank.load(tmp_path / "cut" / "bank.jsonl").entries
+    assert "3" not in {e.problem.id for e in kept} and len(kept) >= 3  # what finished is kept
+    again = ScriptedBackend(sampler)
+    resumed = await run_bench(BenchSpec(qs, options(), "toy", tmp_path / "cut", resume=True), again)
+    assert len(again.calls) == 5 - len(kept)
+    texts = [[s.text for s in e.samples] for e in SampleBank.load(tmp_path / "cut" / "bank.jsonl").entries]
+    assert texts == [[s.text for s in e.samples] for e in SampleBank.load(tmp_path / "whole" / "bank.jsonl").entries]
+    assert [r.accuracy for r in resumed.rows] == [r.accuracy for r in whole.rows]
+
+
+async def test_resume_refuses_a_bank_drawn_differently(tmp_path):
+    qs = problems(2)
+    await run_bench(BenchSpec(qs, options(), "toy", tmp_path / "run"), ScriptedBackend(sampler))
+    with pytest.raises(ConfigError, match="seed"):
+        await run_bench(BenchSpec(qs, options(seed=5), "toy", tmp_path / "run", resume=True),
+                        ScriptedBackend(sampler))
+
+
+async def test_live_only_cells_and_judge_scorer_run_live(tmp_path):
+    backend = ScriptedBackend(sampler)
+    opts = options(algorithms=("best-of-n",), budgets=(2,), scorer="judge")
+    assert not opts.replayed("best-of-n") and opts.replayed("self-consistency")
+    outcome = await run_bench(BenchSpec(problems(2), opts, "toy", tmp_path / "run"), backend)
+    assert [r.mode for r in outcome.rows] == ["live"]
+    assert (tmp_path / "run" / "samples.jsonl").is_file() and not (tmp_path / "run" / "bank.jsonl").exists()
+
+
+async def test_a_given_bank_cannot_serve_live_cells(tmp_path):
+    bank_run = await run_bench(BenchSpec(problems(2), options(), "toy", tmp_path / "a"), ScriptedBackend(sampler))
+    assert bank_run.rows
+    bank = SampleBank.load(tmp_path / "a" / "bank.jsonl")
+    with pytest.raises(ConfigError, match="need a model"):
+        await run_bench(BenchSpec(problems(2), options(scorer="judge"), "toy", tmp_path / "b", bank=bank), None)
+    with pytest.raises(ConfigError, match="exceeds the bank"):
+        await run_bench(BenchSpec(problems(2), options(budgets=(8,)), "toy", tmp_path / "c", bank=bank), None)
+
+
+@pytest.mark.parametrize("bad", [{"budgets": ()}, {"budgets": (0, 2)}, {"budgets": (2, 2)},
+                                 {"algorithms": ("magic",)}, {"scorer": "oracle"}, {"orders": 0}])
+def test_grid_options_reject_bad_input(bad):
+    with pytest.raises(ConfigError):
+        options(**bad)
+
+
+def test_intervals():
+    low, high = wilson(0, 10)
+    assert low == 0 and 0.25 < high < 0.35
+    low, high = wilson(50, 100)
+    assert low == pytest.approx(0.404, abs=1e-3) and high == pytest.approx(0.596, abs=1e-3)
+    # all-or-nothing rates are outcomes: Wilson's interval, not a zero-width normal one
+    assert mean_interval([1.0] * 20) == wilson(20, 20)
+    low, high = mean_interval([0.5, 0.6, 0.4, 0.5])
+    assert low < 0.5 < high and high - low < 0.2
