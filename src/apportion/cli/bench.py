@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from click.core import ParameterSource
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -82,7 +81,9 @@ def bench(
     """Run algorithms x budgets over a dataset; write a run directory and print the table."""
     console = Console(stderr=True)
     if ctx.invoked_subcommand is not None:
-        given = [name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+        # typer vendors its own click, so its ParameterSource enum is matched by name
+        given = [name for name in ctx.params
+                 if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
         if given:
             fail(console, ConfigError(f"`bench {ctx.invoked_subcommand}` does not take the grid's options "
                                       f"({', '.join('--' + g.replace('_', '-') for g in given)})"), EXIT_USAGE)
@@ -202,3 +203,47 @@ def bench_throughput(
     for name, value in report["summary"]["ratios"].items():
         console.print(f"{name}: {value:.2f}")
     console.print(f"wrote {out}")
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    budgets: Annotated[str, typer.Option(help="Comma-separated generation budgets.")] = "1,2,4,8,16,32,64",
+    concurrency: Annotated[str, typer.Option(help="Comma-separated questions in flight.")] = "1,4,16,64",
+    questions: Annotated[int, typer.Option(help="Questions per cell.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats per cell (medians are reported).")] = 3,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("runs/overhead.json"),
+) -> None:
+    """The engine's own cost: apportion against an instant mock server, next to a bare HTTP client."""
+    from apportion.bench import overhead
+
+    console = Console(stderr=True)
+    try:
+        config = overhead.OverheadConfig(budgets=tuple(_ints(budgets)), concurrencies=tuple(_ints(concurrency)),
+                                         questions=questions, repeats=repeats)
+    except ApportionError as exc:
+        fail(console, exc, EXIT_USAGE)
+    try:
+        report = overhead.run(config)
+    except ApportionError as exc:
+        fail(console, exc, EXIT_FAILURE)
+    overhead.write(report, out)
+    typer.echo(overhead.table(report))
+    console.print(f"wrote {out}")
+
+
+@app.command("report")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `apportion bench`.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write the plots and page (default: RUN_DIR/report).")]
+    = None,
+) -> None:
+    """PNG plots and one self-contained HTML page for a benchmark run."""
+    from apportion.bench.report import write_report  # matplotlib is slow to import: only here
+
+    console = Console(stderr=True)
+    try:
+        files = write_report(run_dir, out)
+    except ApportionError as exc:
+        fail(console, exc, EXIT_USAGE)
+    for path in files.files:
+        typer.echo(str(path))

@@ -1,0 +1,55 @@
+"""`apportion bench` as a user runs it: over a real HTTP server, and replaying the shared bank."""
+
+import json
+
+from tests.conftest import DATA, run_cli
+from tests.support.fake_openai import FakeOpenAI
+
+
+def test_bench_over_http_writes_a_run_directory_and_prints_the_table(tmp_path):
+    questions = tmp_path / "qs.jsonl"
+    questions.write_text("\n".join(json.dumps({"q": f"What is {i} times 6?", "gold": 42 if i == 7 else 6 * i})
+                                   for i in (7, 2, 3)) + "\n")
+    with FakeOpenAI(honor_n=False) as server:  # answers 42 to everything, one choice per request
+        proc = run_cli("bench", "--dataset", str(questions), "--question-field", "q", "--answer-field", "gold",
+                       "--budgets", "1,3", "--base-url", server.base_url, "--model", server.model,
+                       "--price", "1,2", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    rows = {(r["algorithm"], r["budget"]): r for r in summary["rows"]}
+    assert set(rows) == {("self-consistency", 1), ("self-consistency", 3), ("best-of-n", 1), ("best-of-n", 3)}
+    assert all(abs(r["accuracy"] - 1 / 3) < 1e-9 for r in rows.values())  # only 7 x 6 is 42
+    assert rows[("self-consistency", 3)]["output_tokens"] == 3 * rows[("self-consistency", 1)]["output_tokens"]
+    assert rows[("self-consistency", 3)]["usd"] > 0
+    assert "self-consistency" in proc.stdout and "33.3%" in proc.stdout
+    bank = (tmp_path / "run" / "bank.jsonl").read_text().splitlines()
+    assert len(bank) == 1 + 3 and len(json.loads(bank[1])["samples"]) == 3
+
+
+def test_bench_replays_the_shared_bank_and_reports_it(tmp_path):
+    proc = run_cli("bench", "--bank", str(DATA / "math_cot_100_samples.jsonl"), "--algorithms", "sc,bon",
+                   "--budgets", "1,8", "--orders", "20", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    best = next(r for r in summary["rows"] if r["algorithm"] == "best-of-n" and r["budget"] == 8)
+    assert best["scorer"] == "bank" and abs(best["accuracy"] - 0.95) < 1e-9
+    assert set(best["by_level"]) == {"1", "2", "3", "4", "5"}
+    proc = run_cli("report", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "run" / "report" / "report.html").read_text()
+    assert "data:image/png;base64," in page and "by_level" in proc.stdout
+    proc = run_cli("report", str(tmp_path / "nowhere"))
+    assert proc.returncode == 2 and "summary.json" in proc.stderr
+
+
+def test_bench_input_errors_name_the_problem(tmp_path):
+    proc = run_cli("bench", "--dataset", "mawps_singleop", "--bank", "x.jsonl")
+    assert proc.returncode == 2 and "not both" in proc.stderr
+    proc = run_cli("bench", "--dataset", "no_such_set")
+    assert proc.returncode == 2 and "unknown dataset" in proc.stderr
+    proc = run_cli("bench", "--bank", str(DATA / "math_cot_100_samples.jsonl"), "--budgets", "1,two")
+    assert proc.returncode == 2 and "--budgets" in proc.stderr
+    proc = run_cli("bench", "--bank", str(DATA / "math_cot_100_samples.jsonl"), "--budgets", "16")
+    assert proc.returncode == 1 and "exceeds the bank" in proc.stderr
+    proc = run_cli("bench", "--dataset", "gsm8k", "throughput")
+    assert proc.returncode == 2 and "--dataset" in proc.stderr
