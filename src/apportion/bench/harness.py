@@ -24,9 +24,12 @@ from apportion.answers.equivalence import Equivalence
 from apportion.bench.bank import BankWriter, SampleBank
 from apportion.bench.datasets import Problem
 from apportion.bench.grid import GridOptions, Progress, QuestionOutcome, Row, draw_bank, live_cell, replay_cells
+from apportion.bench.peers import PeerRun, peer, peer_rows
 from apportion.budget.units import Price
 from apportion.errors import ConfigError
 from apportion.lm.base import Backend
+from apportion.lm.openai_http import OpenAIHTTPBackend
+from apportion.lm.replay import ReplayBackend
 
 SUMMARY_VERSION = 1
 
@@ -42,6 +45,12 @@ class BenchSpec:
     bank: SampleBank | None = None
     """A bank given up front (``--bank``): nothing is sampled, every cell is replayed."""
     resume: bool = False
+    peers: tuple[str, ...] = ()
+    peer_endpoint: str | None = None
+    """"replay" (the bank, identical samples) or "live" (the run's server); default: replay when
+    there is a bank."""
+    peer_orders: int = 5
+    """Replay orders per peer cell (live peer cells run once)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,9 +126,19 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
                                                 equivalence=eq, progress=progress)
                 rows.append(row)
                 sinks.record(row, outcomes)
+        failures: list[str] = []
+        if spec.peers:
+            peer_run = _peer_run(spec, backend, bank)
+            for name in spec.peers:
+                for row, outcomes in await peer_rows(name, options.algorithms, options.budgets, spec.problems,
+                                                     peer_run, equivalence=eq, progress=progress):
+                    rows.append(row)
+                    sinks.record(row, outcomes)
+            failures = peer_run.failures
     finally:
         sinks.close()
     summary = _summary(spec, backend, bank, rows, time.monotonic() - started)
+    summary["peer_failures"] = failures
     (spec.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
                                            encoding="utf-8")
     return BenchOutcome(summary, rows)
@@ -165,6 +184,26 @@ async def _draw(spec: BenchSpec, backend: Backend, progress: Progress | None) ->
     return bank
 
 
+def _peer_run(spec: BenchSpec, backend: Backend | None, bank: SampleBank | None) -> PeerRun:
+    for name in spec.peers:
+        peer(name)  # an unknown name is a usage error, before any peer runs
+    mode = spec.peer_endpoint or ("replay" if bank is not None else "live")
+    options = spec.options
+    if mode == "replay":
+        if bank is None:
+            raise ConfigError("peers on a replay endpoint need a bank: replay a sample-based algorithm or give --bank")
+        price = backend.price if backend is not None else Price()
+        return PeerRun(lambda order: ReplayBackend(bank, seed=options.seed + order, price=price), "replay",
+                       spec.peer_orders, options.sampling, options.seed, options.concurrency)
+    if mode != "live":
+        raise ConfigError(f"peer endpoint must be 'replay' or 'live', got {mode!r}")
+    if not isinstance(backend, OpenAIHTTPBackend):
+        raise ConfigError("live peers need an OpenAI-compatible server (--base-url); the embedded model is not one")
+    http = backend
+    return PeerRun(lambda order: OpenAIHTTPBackend(http.options), "live", 1, options.sampling, options.seed,
+                   options.concurrency)
+
+
 def _check_resumable(previous: SampleBank, backend: Backend, options: GridOptions) -> None:
     meta = previous.meta
     wanted = {"model": backend.model, "k": options.bank_size, "seed": options.seed,
@@ -193,6 +232,7 @@ def _summary(spec: BenchSpec, backend: Backend | None, bank: SampleBank | None, 
                    "scorer": options.scorer, "orders": options.orders, "seed": options.seed,
                    "live": options.live, "concurrency": options.concurrency,
                    "sampling": asdict(options.sampling), "bank_k": bank.k if bank is not None else None,
+                   "peers": list(spec.peers), "peer_endpoint": spec.peer_endpoint, "peer_orders": spec.peer_orders,
                    "bank_seconds": round(sum(e.seconds for e in bank.entries), 3) if bank is not None else None,
                    **spec.extra},
         "rows": [r.to_dict() for r in rows],

@@ -16,6 +16,7 @@ from apportion.bench.bank import open_bank
 from apportion.bench.datasets import DATASETS, load_dataset
 from apportion.bench.grid import GridOptions, Row
 from apportion.bench.harness import BenchSpec, run_bench
+from apportion.bench.peers import peer as peer_module
 from apportion.cli._app import (
     EXIT_FAILURE,
     EXIT_USAGE,
@@ -66,6 +67,12 @@ def bench(
     concurrency: Annotated[int | None, typer.Option(
         help="Questions in flight at once (default: 1 embedded, 4 over HTTP).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling and replay orders.")] = 0,
+    peer: Annotated[list[str] | None, typer.Option(
+        help="Also run a peer's own implementation: its_hub, optillm (repeatable).")] = None,
+    peer_endpoint: Annotated[str | None, typer.Option(
+        help="Where peers sample: 'replay' (the bank: identical samples) or 'live' (--base-url). "
+             "Default: replay when there is a bank.")] = None,
+    peer_orders: Annotated[int, typer.Option(help="Replay orders per peer cell.")] = 5,
     base_url: BaseUrlOpt = None,
     model: ModelOpt = None,
     api_key: ApiKeyOpt = None,
@@ -111,8 +118,13 @@ def bench(
                                     answer_field=answer_field, level_field=level_field)
             name = Path(dataset).stem if dataset.endswith(".jsonl") else dataset
             backend = make_backend(base_url, model, api_key, model_path, price, price_file)
+        peers = tuple(p.strip() for item in (peer or []) for p in item.split(",") if p.strip())
+        for p in peers:
+            peer_module(p)
+        if peer_orders < 1:
+            raise ConfigError(f"--peer-orders must be >= 1, got {peer_orders}")
         spec = BenchSpec(problems, options, name, out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}",
-                         given_bank, resume)
+                         given_bank, resume, peers, peer_endpoint, peer_orders)
     except ApportionError as exc:
         fail(console, exc, EXIT_USAGE)
     try:
@@ -122,6 +134,11 @@ def bench(
     stdout = Console()
     # Off a terminal rich assumes 80 columns and would fold every cell; a log file can be wide.
     _table(outcome.rows, outcome.summary, stdout if stdout.is_terminal else Console(width=170))
+    for failure in outcome.summary.get("peer_failures", []):
+        console.print(f"[yellow]peer failed:[/yellow] {failure}")
+    for row in outcome.rows:
+        for note in row.notes:
+            console.print(f"[yellow]note:[/yellow] {row.label} @{row.budget}: {note}")
     console.print(f"wrote {spec.out}/summary.json (report: apportion report {spec.out})")
 
 

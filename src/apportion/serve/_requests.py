@@ -46,6 +46,9 @@ NEUTRAL_VALUES: dict[str, Callable[[Any], bool]] = {
     "response_format": lambda v: v == {"type": "text"},
     "top_k": lambda v: v in (-1, 0),
     "min_p": lambda v: v == 0,
+    # vLLM-aware clients (its-hub) send an empty extra_body in the JSON itself
+    "extra_body": lambda v: v == {},
+    "include_stop_str_in_output": lambda v: v is False,
 }
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

@@ -1,0 +1,151 @@
+"""optillm's own ``bon`` and ``self_consistency`` approaches, through its proxy.
+
+The proxy is optillm's own server (the ``optillm`` command, found beside this interpreter or on
+PATH, so it may live in another environment: its full install pulls torch and pins an older
+starlette). It is started per cell in front of the peer endpoint, and asked with the approach as
+the model-name prefix. How the budget maps:
+
+- ``bon``: N is the server-wide ``--best-of-n`` flag, so each budget gets its own proxy. It asks
+  for N samples in one request, then rates each with one more call; its ratings reach the
+  endpoint too (counted, and on a replay endpoint they fail: they are not in the bank).
+- ``self_consistency``: optillm draws a fixed 5 samples (no setting changes it) at temperature 1
+  and clusters whole texts; it runs once, at budget 5, whatever budgets the grid has.
+
+optillm wraps the user's text as ``"User: <text>"``; ``unwrap`` undoes that so a replay endpoint
+can find the question in its bank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from apportion.algorithms.base import SamplingOptions
+from apportion.bench.datasets import Problem
+from apportion.lm.base import Message, Prompt
+from apportion.serve.runner import bind_free_port
+
+ALGORITHMS = {"best-of-n": "bon", "self-consistency": "self_consistency"}
+FIXED_BUDGET = {"self-consistency": 5}
+_START_S = 90.0
+_WRAP = "User: "
+
+
+def executable() -> str | None:
+    beside = Path(sys.executable).with_name("optillm")
+    return str(beside) if beside.is_file() else shutil.which("optillm")
+
+
+def available() -> str | None:
+    if executable() is None:
+        return "optillm is not installed (no `optillm` command beside this Python or on PATH); pip install optillm"
+    return None
+
+
+def scorer(algorithm: str) -> str | None:
+    return "llm-rating" if algorithm == "best-of-n" else None
+
+
+def fixed_budget(algorithm: str) -> int | None:
+    return FIXED_BUDGET.get(algorithm)
+
+
+def unwrap(prompt: Prompt) -> Prompt:
+    """The prompt as the user sent it, before optillm prefixed the last user message."""
+    messages = list(prompt.messages)
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].role == "user":
+            if messages[i].content.startswith(_WRAP):
+                messages[i] = Message("user", messages[i].content[len(_WRAP):])
+            break
+    return Prompt(messages=tuple(m for m in messages if m.content or m.role != "system"), text=prompt.text,
+                  assistant_prefix=prompt.assistant_prefix)
+
+
+class Proxy:
+    """optillm's server on a free port of 127.0.0.1, in front of ``upstream``."""
+
+    def __init__(self, upstream: str, best_of_n: int) -> None:
+        sock = bind_free_port()
+        self.port = sock.getsockname()[1]
+        sock.close()
+        command = executable()
+        assert command is not None
+        # OPENAI_API_KEY makes optillm use an OpenAI client on --base-url; OPTILLM_API_KEY must stay
+        # unset (it switches optillm to local inference with model downloads).
+        env = {k: v for k, v in os.environ.items() if k != "OPTILLM_API_KEY"}
+        env.update(OPENAI_API_KEY="sk-none", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        self._proc = subprocess.Popen(
+            [command, "--base-url", upstream, "--port", str(self.port), "--host", "127.0.0.1",
+             "--best-of-n", str(best_of_n)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def wait(self) -> None:
+        deadline = time.monotonic() + _START_S
+        async with httpx.AsyncClient(timeout=2) as client:
+            while True:
+                if self._proc.poll() is not None:
+                    raise RuntimeError(f"optillm exited with {self._proc.returncode}: "
+                                       f"{(self._proc.stderr.read() if self._proc.stderr else '')[-800:]}")
+                try:
+                    if (await client.get(f"{self.url}/health")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"optillm did not start within {_START_S:.0f} s")
+                await asyncio.sleep(0.3)
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+async def answer(algorithm: str, base_url: str, model: str, problems: Sequence[Problem], budget: int,
+                 sampling: SamplingOptions, *, seed: int, concurrency: int) -> list[tuple[str | None, str | None]]:
+    proxy = Proxy(base_url, budget)
+    try:
+        await proxy.wait()
+    except RuntimeError as exc:
+        proxy.stop()
+        return [(None, str(exc))] * len(problems)
+    limit = asyncio.Semaphore(concurrency)
+    messages = [{"role": "system", "content": sampling.system_prompt}] if sampling.system_prompt else []
+
+    async def one(client: httpx.AsyncClient, problem: Problem) -> tuple[str | None, str | None]:
+        body = {"model": f"{ALGORITHMS[algorithm]}-{model}", "max_tokens": sampling.max_tokens,
+                "temperature": sampling.temperature,
+                "messages": [*messages, {"role": "user", "content": problem.question}]}
+        async with limit:
+            try:
+                reply = await client.post(f"{proxy.url}/v1/chat/completions", json=body)
+            except httpx.HTTPError as exc:
+                return None, f"{type(exc).__name__}: {exc}"
+        if reply.status_code != 200:
+            return None, f"HTTP {reply.status_code}: {reply.text[:300]}"
+        try:
+            return reply.json()["choices"][0]["message"]["content"], None
+        except (ValueError, KeyError, IndexError) as exc:
+            return None, f"malformed reply ({exc}): {reply.text[:300]}"
+
+    try:
+        async with httpx.AsyncClient(timeout=None) as client:
+            return list(await asyncio.gather(*(one(client, p) for p in problems)))
+    finally:
+        proxy.stop()
