@@ -51,6 +51,8 @@ class BenchSpec:
     there is a bank."""
     peer_orders: int = 5
     """Replay orders per peer cell (live peer cells run once)."""
+    peer_algorithms: tuple[str, ...] | None = None
+    """What the peers run (default: the grid's algorithms)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -130,7 +132,8 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
         if spec.peers:
             peer_run = _peer_run(spec, backend, bank)
             for name in spec.peers:
-                for row, outcomes in await peer_rows(name, options.algorithms, options.budgets, spec.problems,
+                algorithms = spec.peer_algorithms or options.algorithms
+                for row, outcomes in await peer_rows(name, algorithms, options.budgets, spec.problems,
                                                      peer_run, equivalence=eq, progress=progress):
                     rows.append(row)
                     sinks.record(row, outcomes)
@@ -233,6 +236,7 @@ def _summary(spec: BenchSpec, backend: Backend | None, bank: SampleBank | None, 
                    "live": options.live, "concurrency": options.concurrency,
                    "sampling": asdict(options.sampling), "bank_k": bank.k if bank is not None else None,
                    "peers": list(spec.peers), "peer_endpoint": spec.peer_endpoint, "peer_orders": spec.peer_orders,
+                   "peer_algorithms": list(spec.peer_algorithms or options.algorithms),
                    "bank_seconds": round(sum(e.seconds for e in bank.entries), 3) if bank is not None else None,
                    **spec.extra},
         "rows": [r.to_dict() for r in rows],

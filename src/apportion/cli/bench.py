@@ -14,7 +14,7 @@ from rich.table import Table
 
 from apportion.bench.bank import open_bank
 from apportion.bench.datasets import DATASETS, load_dataset
-from apportion.bench.grid import GridOptions, Row
+from apportion.bench.grid import GridOptions, Row, canonical
 from apportion.bench.harness import BenchSpec, run_bench
 from apportion.bench.peers import peer as peer_module
 from apportion.cli._app import (
@@ -73,6 +73,8 @@ def bench(
         help="Where peers sample: 'replay' (the bank: identical samples) or 'live' (--base-url). "
              "Default: replay when there is a bank.")] = None,
     peer_orders: Annotated[int, typer.Option(help="Replay orders per peer cell.")] = 5,
+    peer_algorithms: Annotated[str | None, typer.Option(
+        help="Comma-separated algorithms for the peers (default: --algorithms).")] = None,
     base_url: BaseUrlOpt = None,
     model: ModelOpt = None,
     api_key: ApiKeyOpt = None,
@@ -121,10 +123,13 @@ def bench(
         peers = tuple(p.strip() for item in (peer or []) for p in item.split(",") if p.strip())
         for p in peers:
             peer_module(p)
+        for a in _split(peer_algorithms, "peer-algorithms") if peer_algorithms else ():
+            canonical(a)
         if peer_orders < 1:
             raise ConfigError(f"--peer-orders must be >= 1, got {peer_orders}")
         spec = BenchSpec(problems, options, name, out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}",
-                         given_bank, resume, peers, peer_endpoint, peer_orders)
+                         given_bank, resume, peers, peer_endpoint, peer_orders,
+                         tuple(_split(peer_algorithms, "peer-algorithms")) if peer_algorithms else None)
     except ApportionError as exc:
         fail(console, exc, EXIT_USAGE)
     try:

@@ -1,0 +1,160 @@
+"""The instant OpenAI-compatible server that the overhead benchmark measures against.
+
+``openai_app`` over an ``InstantBackend`` (every request answered at once with fixed samples, n
+honoured, requests and samples counted, ``GET /mock/stats`` to read the counts), run by
+``MockServer`` in a process of its own.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from types import TracebackType
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+
+from apportion.budget.units import Price, Usage
+from apportion.lm.base import Capabilities, Completion, Prompt, Sample, SamplingParams
+from apportion.serve.openai_app import openai_app
+from apportion.serve.runner import bind_free_port, uvicorn_config
+
+MOCK_MODEL = "instant"
+REPLY = "The answer is 42."
+REPLY_TOKENS = 5
+REPLY_LOGPROB = -0.05
+_START_TIMEOUT_S = 60.0
+_STOP_TIMEOUT_S = 10.0
+
+
+class InstantBackend:
+    """Answers every request at once with n copies of a fixed short sample (exact token counts,
+    log-probabilities when asked), counting what it served."""
+
+    def __init__(self, *, model: str = MOCK_MODEL, reply: str = REPLY, reply_tokens: int = REPLY_TOKENS) -> None:
+        self._model = model
+        self.reply = reply
+        self.reply_tokens = reply_tokens
+        self.requests = 0
+        self.samples = 0
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @property
+    def name(self) -> str:
+        return "instant"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(native_n=True, logprobs=True, continuation=False, prefix_cache=False,
+                            raw_prompt=True, exact_prompt_tokens=True)
+
+    @property
+    def price(self) -> Price:
+        return Price()
+
+    async def prompt_tokens(self, prompt: Prompt) -> int:
+        parts = [m.content for m in prompt.messages] if prompt.is_chat else [prompt.text or ""]
+        return sum(len(p.split()) for p in parts) + 3 * len(prompt.messages)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams, *,
+                       deadline: float | None = None) -> Completion:
+        tokens = min(self.reply_tokens, params.max_tokens)
+        finish = "length" if tokens < self.reply_tokens else "stop"
+        logprobs = (REPLY_LOGPROB,) * tokens if params.logprobs else None
+        samples = (Sample(self.reply, finish, tokens, logprobs),) * params.n
+        self.requests += 1  # one event loop serves every request: no lock needed
+        self.samples += params.n
+        usage = Usage(params.n, await self.prompt_tokens(prompt), tokens * params.n)
+        return Completion(samples, usage, self.model, 0.0)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def mock_app(backend: InstantBackend) -> Starlette:
+    """``openai_app(backend)`` plus ``GET /mock/stats``: the requests and samples served so far."""
+
+    async def stats(request: Request) -> JSONResponse:
+        return JSONResponse({"requests": backend.requests, "samples": backend.samples})
+
+    return Starlette(routes=[Route("/mock/stats", stats), Mount("/", openai_app(backend))])
+
+
+def serve_mock() -> None:
+    """Entry point of the server process: bind, print the port on stdout, serve until SIGTERM."""
+    sock = bind_free_port()
+    print(sock.getsockname()[1], flush=True)  # the parent reads this one line
+    uvicorn.Server(uvicorn_config(mock_app(InstantBackend()))).run(sockets=[sock])
+
+
+class MockServer:
+    """The instant server in its own process.
+
+    Why a process and not a thread: the client under test and the server are both Python, and in
+    one process the GIL would run them in turn, so every client-side millisecond would also
+    delay the server and the bare baseline would carry the server's cost interleaved with the
+    client's. With two cores, a separate process gives the server its own core and the
+    measurement sees only the client. A plain subprocess rather than multiprocessing: its "spawn"
+    re-imports the parent's __main__ (a script, ``python -m apportion``), and fork is unsafe in a
+    process with threads (pytest, a running ServedApp)."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[str] | None = None
+        self._port: int | None = None
+
+    @property
+    def url(self) -> str:
+        if self._port is None:
+            raise RuntimeError("the mock server is not running")
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def __enter__(self) -> MockServer:
+        code = "from apportion.bench.mock_server import serve_mock; serve_mock()"
+        self._process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line.strip().isdigit():
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"the mock server did not start (it said {line!r}; its errors are above)")
+        self._port = int(line)
+        self._wait_until_up()
+        return self
+
+    def _wait_until_up(self) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while True:
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or (self._process is not None and self._process.poll() is not None):
+                self.__exit__(None, None, None)
+                raise RuntimeError("the mock server did not answer")
+            time.sleep(0.05)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        process, self._process, self._port = self._process, None, None
+        if process is None:
+            return
+        process.terminate()  # SIGTERM: uvicorn shuts down gracefully
+        try:
+            process.wait(_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(_STOP_TIMEOUT_S)
+        if process.stdout is not None:
+            process.stdout.close()

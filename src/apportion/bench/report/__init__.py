@@ -1,0 +1,90 @@
+"""Turn a benchmark run directory into PNG plots and one self-contained HTML page.
+
+The input is the ``summary.json`` that ``apportion bench`` writes. Rows sharing
+(system, algorithm, scorer) form one curve over budgets. The plots:
+
+- ``accuracy_vs_budget.png``: accuracy against generations per question, 95% CI bands;
+- ``accuracy_vs_tokens.png``: the same curves against mean tokens per question, the honest
+  x-axis, since algorithms and peers spend very different tokens per generation;
+- ``pareto.png``: every point, with the frontier of best accuracy for at most that many tokens;
+- ``by_level.png``: accuracy per difficulty level at each curve's largest budget, written only
+  when the dataset has levels.
+
+``report.html`` embeds them as data URIs next to tables of the run, so the one file can be mailed
+or attached to an issue. Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas,
+never through pyplot, so building a report leaves no global figure state behind.
+
+The package: ``summary`` reads and checks ``summary.json`` into dataclasses, ``curves`` groups its rows
+into curves and names their points, ``frontier`` finds the Pareto frontier, ``plots`` (with ``labels``,
+which places the frontier's labels) draws the PNGs, and ``page`` writes the HTML. This module holds
+``write_report``, which ties them together, and re-exports the public names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+from apportion.bench.report.curves import Curve, build_curves, point_label
+from apportion.bench.report.frontier import frontier_rows, pareto_frontier
+from apportion.bench.report.page import render_html
+from apportion.bench.report.plots import (
+    plot_accuracy_vs_budget,
+    plot_accuracy_vs_tokens,
+    plot_by_level,
+    plot_pareto,
+)
+from apportion.bench.report.summary import LevelFigure, Row, Summary, load_summary
+
+__all__ = [
+    "Curve", "LevelFigure", "ReportFiles", "Row", "Summary",
+    "build_curves", "frontier_rows", "load_summary", "pareto_frontier", "point_label", "render_html", "write_report",
+    "plot_accuracy_vs_budget", "plot_accuracy_vs_tokens", "plot_by_level", "plot_pareto",
+]
+
+STYLE = {
+    "font.size": 11,
+    "axes.titlesize": 10,
+    "axes.labelsize": 11,
+    "figure.titlesize": 13,
+    "legend.fontsize": 9,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ReportFiles:
+    """What ``write_report`` wrote: the page and the plots it embeds, in the page's order."""
+
+    out_dir: Path
+    html: Path
+    plots: tuple[Path, ...] = field(default_factory=tuple)
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (self.html, *self.plots)
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> ReportFiles:
+    """Write the plots and ``report.html`` for a run directory; ``out_dir`` defaults to ``run_dir/report``."""
+    summary = load_summary(run_dir)
+    base = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
+    out = Path(out_dir) if out_dir is not None else base / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    curves = build_curves(summary.rows)
+    frontier = frontier_rows([r for c in curves for r in c.rows])
+    with matplotlib.rc_context(STYLE):
+        plots = [plot_accuracy_vs_budget(summary, curves, out / "accuracy_vs_budget.png")]
+        # without token counts the tokens axes would be empty frames; the page says why they are missing
+        if frontier:
+            plots.append(plot_accuracy_vs_tokens(summary, curves, out / "accuracy_vs_tokens.png"))
+            plots.append(plot_pareto(summary, curves, frontier, out / "pareto.png"))
+        by_level = plot_by_level(summary, curves, out / "by_level.png")
+    if by_level is not None:
+        plots.append(by_level)
+    page = out / "report.html"
+    page.write_text(render_html(summary, curves, frontier, plots), encoding="utf-8")
+    return ReportFiles(out_dir=out, html=page, plots=tuple(plots))

@@ -1,0 +1,38 @@
+"""The Pareto frontier: the points with the best accuracy for at most that many tokens."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from apportion.bench.report.summary import Row
+
+
+def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (cost, value) points no other point beats: none costs no more and is worth more.
+
+    Returned in order of increasing cost (so of increasing value). A point that merely ties another
+    on value at a higher cost is dominated; of exact duplicates only the first is kept, so each
+    frontier step has one label. Points with a non-finite coordinate are ignored.
+    """
+    finite = [i for i, (cost, value) in enumerate(points) if math.isfinite(cost) and math.isfinite(value)]
+    # cheapest first; at equal cost the most valuable first, so the sweep keeps it and drops the rest
+    order = sorted(finite, key=lambda i: (points[i][0], -points[i][1], i))
+    frontier: list[int] = []
+    best = -math.inf
+    for i in order:
+        if points[i][1] > best:
+            frontier.append(i)
+            best = points[i][1]
+    return frontier
+
+
+def frontier_rows(rows: Sequence[Row]) -> list[Row]:
+    """The rows on the accuracy-for-tokens frontier; rows without a token count cannot be placed."""
+    placed = [r for r in rows if _plottable_tokens(r)]
+    return [placed[i] for i in pareto_frontier([(r.tokens or 0.0, r.accuracy) for r in placed])]
+
+
+def _plottable_tokens(row: Row) -> bool:
+    # a log axis cannot show zero, and a row without tokens has no place on a tokens axis
+    return row.tokens is not None and row.tokens > 0

@@ -1,0 +1,175 @@
+"""The HTML page: the run's metadata and config, the plots embedded as data URIs, and tables of every
+row and of the frontier, in one self-contained file."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from apportion.bench.report.curves import Curve, _curve_label, point_label
+from apportion.bench.report.summary import Row, Summary, _subtitle
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2rem auto; max-width: 1200px;
+       padding: 0 1rem; color: #222; line-height: 1.4; }
+h1 { font-size: 1.6rem; margin-bottom: .2rem; }
+h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: .9rem; margin: .5rem 0; }
+th, td { padding: .25rem .6rem; border-bottom: 1px solid #eee; text-align: left; vertical-align: top; }
+th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tr.frontier td { font-weight: 600; } .swatch { display: inline-block; width: .8em; height: .8em; margin-right: .4em;
+       border-radius: 2px; vertical-align: baseline; }
+table.meta th { width: 9rem; } table.config td { font-family: ui-monospace, Menlo, monospace; font-size: .85rem; }
+figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+.note { color: #666; font-size: .85rem; } .scroll { overflow-x: auto; }
+"""
+
+
+def render_html(summary: Summary, curves: Sequence[Curve], frontier: Sequence[Row], plots: Sequence[Path]) -> str:
+    e = html.escape
+    title = f"apportion report: {summary.run}"
+    sections = [
+        f"<h1>{e(title)}</h1>",
+        f'<p class="note">{e(_subtitle(summary))}</p>',
+        _meta_table(summary),
+        _config_table(summary.config),
+        "<h2>Plots</h2>",
+        *(_embedded_png(p) for p in plots),
+        "<h2>All rows</h2>",
+        _rows_table(curves, frontier),
+        "<h2>Pareto frontier</h2>",
+        _frontier_table(frontier, curves),
+    ]
+    body = "\n".join(sections)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(title)}</title>\n'
+            f"<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+
+
+def _meta_table(summary: Summary) -> str:
+    fields = [("run", summary.run), ("dataset", summary.dataset), ("model", summary.model),
+              ("backend", summary.backend), ("questions", _opt(summary.questions)), ("created", summary.created)]
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in fields)
+    return f'<table class="meta">{cells}</table>'
+
+
+def _config_table(config: Mapping[str, Any]) -> str:
+    if not config:
+        return ""
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _flatten(config))
+    return f'<h2>Config</h2>\n<table class="config">{cells}</table>'
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    # the config is free-form; dotted keys keep nested options readable in a two-column table
+    out: list[tuple[str, str]] = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.extend(_flatten(value, f"{name}."))
+        else:
+            out.append((name, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)))
+    return out
+
+
+def _embedded_png(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    alt = html.escape(path.stem.replace("_", " "))
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{alt}"></figure>'
+
+
+ROW_HEADERS = ("system", "algorithm", "scorer", "budget", "mode", "accuracy [95% CI]", "± std (orders)",
+               "in tokens", "out tokens", "$ / question", "wall s", "errors")
+FRONTIER_HEADERS = ("point", "curve", "budget", "mean tokens", "accuracy [95% CI]")
+NUMERIC = {"budget", "mean tokens", "accuracy [95% CI]", "± std (orders)", "in tokens", "out tokens", "$ / question",
+           "wall s", "errors"}
+
+
+def _rows_table(curves: Sequence[Curve], frontier: Sequence[Row]) -> str:
+    on_frontier = {id(r) for r in frontier}
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ROW_HEADERS)
+    lines = []
+    for curve in curves:
+        for row in curve.rows:
+            cells = _row_cells(row)
+            rendered = [_td(h, v) for h, v in zip(ROW_HEADERS, cells)]
+            rendered[0] = f"<td>{_swatch(curve.color)}{html.escape(cells[0])}</td>"
+            cls = ' class="frontier"' if id(row) in on_frontier else ""
+            lines.append(f"<tr{cls}>{''.join(rendered)}</tr>")
+    note = ('<p class="note">Tokens and dollars are means per question; bold rows lie on the Pareto frontier; '
+            "“~” marks an estimated wall time; ± is the spread of accuracy over replay orders.</p>")
+    table = f'<table id="rows"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>'
+    return f'<div class="scroll">{table}</div>\n{note}'
+
+
+def _swatch(color: str) -> str:
+    # the colour comes from our palette, never from the summary, so it needs no escaping
+    return f'<span class="swatch" style="background:{color}"></span>'
+
+
+def _td(header: str, value: str) -> str:
+    cls = ' class="num"' if header in NUMERIC else ""
+    return f"<td{cls}>{html.escape(value)}</td>"
+
+
+def _row_cells(row: Row) -> list[str]:
+    return [row.system, row.algorithm, row.scorer or "—", str(row.budget), row.mode or "—", _accuracy_ci(row),
+            _spread(row), _tokens(row.input_tokens), _tokens(row.output_tokens), _usd(row.usd), _wall(row),
+            str(row.errors)]
+
+
+def _frontier_table(frontier: Sequence[Row], curves: Sequence[Curve]) -> str:
+    if not frontier:
+        return '<p class="note">No row reports tokens, so there is no frontier and no plot against tokens.</p>'
+    colors = {id(r): c.color for c in curves for r in c.rows}
+    lines = []
+    for r in frontier:
+        cells = [_curve_label(r.system, r.algorithm, r.scorer), str(r.budget), _tokens(r.tokens), _accuracy_ci(r)]
+        rendered = "".join(_td(h, v) for h, v in zip(FRONTIER_HEADERS[1:], cells))
+        lines.append(f"<tr><td>{_swatch(colors[id(r)])}{html.escape(point_label(r))}</td>{rendered}</tr>")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in FRONTIER_HEADERS)
+    note = ('<p class="note">Each row is the most accurate configuration for at most its mean tokens per question; '
+            "every other row is matched or beaten by one of these at no more tokens.</p>")
+    return f'<table id="frontier"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>\n{note}'
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _accuracy_ci(row: Row) -> str:
+    if row.ci_low is None or row.ci_high is None:
+        return _pct(row.accuracy)
+    return f"{_pct(row.accuracy)} [{100 * row.ci_low:.1f}, {100 * row.ci_high:.1f}]"
+
+
+def _spread(row: Row) -> str:
+    if row.accuracy_std is None:
+        return "—"
+    orders = f" ({row.orders})" if row.orders is not None else ""
+    return f"±{100 * row.accuracy_std:.1f} pp{orders}"
+
+
+def _tokens(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.1f}"
+
+
+def _usd(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if value == 0:
+        return "$0"
+    return f"${value:.4f}" if value >= 0.001 else f"${value:.2e}"
+
+
+def _wall(row: Row) -> str:
+    if row.wall_seconds is None:
+        return "—"
+    return f"{'~' if row.wall_estimated else ''}{row.wall_seconds:,.1f}"
+
+
+def _opt(value: Any) -> str:
+    return "?" if value is None else str(value)

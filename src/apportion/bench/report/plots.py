@@ -1,0 +1,196 @@
+"""The PNG plots: accuracy against budget and against tokens, the Pareto frontier, accuracy by level.
+
+Drawn on ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot. The labels of the
+frontier's points are placed by ``labels``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+from apportion.bench.report.curves import Curve
+from apportion.bench.report.frontier import _plottable_tokens
+from apportion.bench.report.labels import _label_frontier, _pad_log_x
+from apportion.bench.report.summary import Row, Summary, _subtitle
+
+DPI = 120
+
+
+def _figure(width: float = 10.0, height: float = 5.6) -> tuple[Figure, Axes]:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.grid(True, which="major", alpha=0.3)
+    # %g: 35% rather than 35.0%, yet 22.5% where the ticks are that fine
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{round(100 * v, 6):g}%"))
+    return fig, ax
+
+
+def _finish(fig: Figure, ax: Axes, summary: Summary, title: str, path: Path,
+            handles: Sequence[Artist] | None = None) -> Path:
+    _decorate(fig, ax, summary, title, handles)
+    fig.savefig(path, dpi=DPI, format="png", facecolor="white")
+    return path
+
+
+def _decorate(fig: Figure, ax: Axes, summary: Summary, title: str, handles: Sequence[Artist] | None = None) -> None:
+    fig.suptitle(title, fontweight="bold")
+    ax.set_title(_subtitle(summary), color="#444444")
+    if handles is None:
+        handles = ax.get_legend_handles_labels()[0]
+    if handles:
+        # below the axes: curves at high budgets cluster in the top right, where a legend would sit, and a
+        # legend at the side would crowd the title
+        labels = [str(h.get_label()) for h in handles]
+        fig.legend(handles=handles, loc="outside lower center", ncols=_legend_columns(labels), frameon=False)
+    _clamp_percent_axis(ax)
+
+
+def _legend_columns(labels: Sequence[str], width_chars: int = 150) -> int:
+    # one row when it fits the figure's width, else as many columns as the longest label allows
+    if sum(len(label) + 8 for label in labels) <= width_chars:
+        return max(1, len(labels))
+    return max(1, min(3, width_chars // (max(len(label) for label in labels) + 8)))
+
+
+def _clamp_percent_axis(ax: Axes, min_span: float = 0.1) -> None:
+    low, high = ax.get_ylim()
+    # a lone point or a flat curve would otherwise get a hair-thin axis of repeated tick labels
+    if high - low < min_span:
+        middle = (low + high) / 2
+        low, high = middle - min_span / 2, middle + min_span / 2
+    ax.set_ylim(max(low, -0.02), min(high, 1.02))
+
+
+def _line_style(curve: Curve) -> str:
+    # peers dashed, so our curves and theirs separate even in greyscale
+    return "--" if curve.peer else "-"
+
+
+def _plot_curves(ax: Axes, curves: Sequence[Curve], x_of: Callable[[Row], float | None]) -> None:
+    # overlapping bands add up to mud, so each grows fainter as curves multiply; a thin edge keeps it traceable
+    band_alpha = max(0.06, 0.36 / (len(curves) + 1))
+    for curve in curves:
+        rows = [r for r in curve.rows if x_of(r) is not None]
+        if not rows:
+            continue
+        xs = [x_of(r) for r in rows]
+        ax.plot(xs, [r.accuracy for r in rows], linestyle=_line_style(curve), marker=curve.marker,
+                color=curve.color, label=curve.label, linewidth=1.8, markersize=6, zorder=3)
+        banded = [r for r in rows if r.ci_low is not None and r.ci_high is not None]
+        bx = [x_of(r) for r in banded]
+        lows, highs = [r.ci_low for r in banded], [r.ci_high for r in banded]
+        if len(banded) >= 2:
+            ax.fill_between(bx, lows, highs, color=curve.color, alpha=band_alpha, linewidth=0)
+            for edge in (lows, highs):
+                ax.plot(bx, edge, color=curve.color, alpha=0.45, linewidth=0.6, linestyle=_line_style(curve))
+        elif banded:
+            ax.vlines(bx, lows, highs, color=curve.color, alpha=0.5)
+
+
+def plot_accuracy_vs_budget(summary: Summary, curves: Sequence[Curve], path: Path) -> Path:
+    fig, ax = _figure()
+    _plot_curves(ax, curves, lambda r: r.budget)
+    budgets = sorted({r.budget for c in curves for r in c.rows})
+    ax.set_xscale("log", base=2)
+    # every budget gets a tick when they are few (the usual powers of two); many would overprint
+    ax.set_xticks(budgets if len(budgets) <= 12 else [2**k for k in range(int(math.log2(budgets[-1])) + 1)])
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("budget (generations per question, log scale)")
+    ax.set_ylabel("accuracy (shaded: 95% CI over questions)")
+    return _finish(fig, ax, summary, "Accuracy vs budget", path)
+
+
+def plot_accuracy_vs_tokens(summary: Summary, curves: Sequence[Curve], path: Path) -> Path:
+    fig, ax = _figure()
+    _plot_curves(ax, curves, lambda r: r.tokens if _plottable_tokens(r) else None)
+    _log_tokens_axis(ax)
+    ax.set_ylabel("accuracy (shaded: 95% CI over questions)")
+    return _finish(fig, ax, summary, "Accuracy vs tokens spent", path)
+
+
+def _log_tokens_axis(ax: Axes) -> None:
+    ax.set_xscale("log")
+    # 1-2-5 ticks with plain numbers: a decade rarely fits more than two powers of ten
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("mean tokens per question (input + output, log scale)")
+
+
+def plot_pareto(summary: Summary, curves: Sequence[Curve], frontier: Sequence[Row], path: Path) -> Path:
+    fig, ax = _figure()
+    handles = _scatter_points(ax, curves, frontier)
+    if frontier:
+        xs = [r.tokens for r in frontier]
+        ys = [r.accuracy for r in frontier]
+        right = max(r.tokens for c in curves for r in c.rows if _plottable_tokens(r))
+        handles.extend(ax.step([*xs, right], [*ys, ys[-1]], where="post", color="black", linewidth=1.4, zorder=2,
+                               label="Pareto frontier"))
+    _log_tokens_axis(ax)
+    _pad_log_x(ax, left=0.35)
+    ax.margins(y=0.1)  # headroom for the labels of the top frontier points
+    ax.set_ylabel("accuracy")
+    _decorate(fig, ax, summary, "Accuracy for tokens: Pareto frontier", handles)
+    points = [(r.tokens, r.accuracy) for c in curves for r in c.rows if _plottable_tokens(r)]
+    _label_frontier(fig, ax, frontier, points)
+    fig.savefig(path, dpi=DPI, format="png", facecolor="white")
+    return path
+
+
+def _scatter_points(ax: Axes, curves: Sequence[Curve], frontier: Sequence[Row]) -> list[Artist]:
+    on_frontier = {id(r) for r in frontier}
+    handles: list[Artist] = []
+    for curve in curves:
+        rows = [r for r in curve.rows if _plottable_tokens(r)]
+        if not rows:
+            continue
+        # dominated points faded and underneath, so the eye goes to the frontier, also where points tie
+        for top, alpha, zorder in ((False, 0.35, 3), (True, 1.0, 4)):
+            chosen = [r for r in rows if (id(r) in on_frontier) == top]
+            ax.scatter([r.tokens for r in chosen], [r.accuracy for r in chosen], marker=curve.marker,
+                       color=curve.color, alpha=alpha, s=42, zorder=zorder, edgecolors="none")
+        # the scatter's own legend entry would take the alpha of its first point, often a faded one
+        handles.append(Line2D([], [], linestyle="none", marker=curve.marker, color=curve.color, label=curve.label))
+    return handles
+
+
+def plot_by_level(summary: Summary, curves: Sequence[Curve], path: Path) -> Path | None:
+    picks = [(c, max((r for r in c.rows if r.by_level), key=lambda r: r.budget, default=None)) for c in curves]
+    picks = [(c, r) for c, r in picks if r is not None]
+    if not picks:
+        return None
+    levels = sorted({lv for _, r in picks for lv in r.by_level}, key=_level_key)
+    fig, ax = _figure()
+    positions = range(len(levels))
+    for curve, row in picks:
+        ys = [row.by_level[lv].accuracy if lv in row.by_level else math.nan for lv in levels]
+        ax.plot(positions, ys, linestyle=_line_style(curve), marker=curve.marker, color=curve.color,
+                label=f"{curve.label} @{row.budget}", linewidth=1.8, markersize=6)
+    ax.set_xticks(list(positions), [_level_tick(lv, [r for _, r in picks]) for lv in levels])
+    ax.set_xlabel("level (questions)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    return _finish(fig, ax, summary, "Accuracy by level, at each curve's largest budget", path)
+
+
+def _level_key(level: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(level), level)
+    except ValueError:
+        return (1, 0.0, level)
+
+
+def _level_tick(level: str, rows: Sequence[Row]) -> str:
+    counts = {r.by_level[level].questions for r in rows if level in r.by_level} - {None}
+    return f"{level}\n(n={counts.pop()})" if len(counts) == 1 else level
