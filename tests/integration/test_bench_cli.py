@@ -53,3 +53,52 @@ def test_bench_input_errors_name_the_problem(tmp_path):
     assert proc.returncode == 1 and "exceeds the bank" in proc.stderr
     proc = run_cli("bench", "--dataset", "gsm8k", "throughput")
     assert proc.returncode == 2 and "--dataset" in proc.stderr
+
+
+def test_replay_serve_serves_a_bank_over_http(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "apportion", "replay-serve",
+                             str(DATA / "math_cot_100_samples.jsonl"), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.2)
+        first = json.loads((DATA / "math_cot_100_samples.jsonl").read_text().splitlines()[0])
+        body = {"model": httpx.get(f"{url}/models").json()["data"][0]["id"], "n": 3,
+                "messages": [{"role": "user", "content": first["question"]}]}
+        reply = httpx.post(f"{url}/chat/completions", json=body, timeout=10)
+        assert reply.status_code == 200, reply.text
+        texts = [c["message"]["content"] for c in reply.json()["choices"]]
+        assert len(texts) == 3 and all(t in first["code"] for t in texts)
+        body["messages"][0]["content"] = "What is the meaning of life?"
+        missing = httpx.post(f"{url}/chat/completions", json=body, timeout=10)
+        assert missing.status_code == 404 and "not in the bank" in missing.json()["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_bench_overhead_prints_its_table(tmp_path):
+    proc = run_cli("bench", "overhead", "--budgets", "1,4", "--concurrency", "2", "--questions", "4",
+                   "--repeats", "1", "--out", str(tmp_path / "overhead.json"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "overhead.json").read_text())
+    assert len(report["cells"]) == 2 and "ratio" in proc.stdout
+    proc = run_cli("bench", "overhead", "--budgets", "0")
+    assert proc.returncode == 2
