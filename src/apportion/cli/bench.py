@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from apportion.algorithms.base import SamplingOptions
 from apportion.bench.bank import open_bank
 from apportion.bench.datasets import DATASETS, load_dataset
 from apportion.bench.grid import GridOptions, Row, canonical
@@ -100,19 +101,26 @@ def bench(
     try:
         if (dataset is None) == (bank is None):
             raise ConfigError("give --dataset (to sample) or --bank (to replay a bank), not both")
+        given_bank = open_bank(bank) if bank is not None else None
+        sampling = sampling_options(max_tokens, temperature, top_p, system_prompt)
+        if given_bank is not None:
+            # a bank was drawn with its own settings: peers get the same prompt, and a bank with
+            # its own scores (a reward model's) is scored by them unless told otherwise
+            sampling = _bank_sampling(given_bank.meta, sampling)
+            if scorer == "self-certainty" and any(s.score is not None for e in given_bank.entries
+                                                  for s in e.samples):
+                scorer = "bank"
         options = GridOptions(
             algorithms=tuple(_split(algorithms, "algorithms")),
             budgets=tuple(_ints(budgets)),
-            sampling=sampling_options(max_tokens, temperature, top_p, system_prompt),
-            scorer="bank" if bank is not None and scorer == "self-certainty" else scorer,
-            live=live, orders=orders, seed=seed,
+            sampling=sampling, scorer=scorer, live=live, orders=orders, seed=seed,
             concurrency=concurrency or (4 if base_url else 1),
         )
-        given_bank = open_bank(bank) if bank is not None else None
         if given_bank is not None:
             problems = [e.problem for e in given_bank.entries][:limit]
             given_bank.entries = given_bank.entries[: len(problems)]
-            name = bank.stem if bank is not None else "bank"
+            assert bank is not None
+            name = str(given_bank.meta.get("dataset") or bank.stem)
             backend = None
         else:
             assert dataset is not None
@@ -180,6 +188,14 @@ def _table(rows: list[Row], summary: dict, console: Console) -> None:  # type: i
                       ("~" if r.wall_estimated else "") + f"{r.wall_seconds:.1f}"
                       + (f" ({r.errors} err)" if r.errors else ""))
     console.print(table)
+
+
+def _bank_sampling(meta: dict, default: SamplingOptions) -> SamplingOptions:  # type: ignore[type-arg]
+    recorded = meta.get("sampling")
+    if not isinstance(recorded, dict):
+        return default
+    fields = {k: tuple(v) if k == "stop" else v for k, v in recorded.items() if k in SamplingOptions.__slots__}
+    return SamplingOptions(**fields)
 
 
 def _split(text: str, what: str) -> list[str]:

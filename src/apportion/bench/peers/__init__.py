@@ -97,6 +97,8 @@ async def _cell(name: str, module: ModuleType, algorithm: str, budget: int, prob
         return None
     accuracies = [statistics.fmean(o.right for o in order) for order in per_order]
     notes = [f"{len(errors)} question(s) failed; first error: {errors[0]}"] if errors else []
+    if run.mode == "replay":
+        notes.append("wall time on a replay endpoint is the peer's own (samples come instantly)")
     if module.fixed_budget(algorithm) is not None:
         notes.append(f"{name}'s {algorithm} always draws {budget} samples; it runs at that budget only")
     row = make_row(name, algorithm, module.scorer(algorithm), budget, run.mode, outcomes, wall / run.orders,
