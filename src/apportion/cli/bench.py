@@ -149,9 +149,12 @@ def bench(
     _table(outcome.rows, outcome.summary, stdout if stdout.is_terminal else Console(width=170))
     for failure in outcome.summary.get("peer_failures", []):
         console.print(f"[yellow]peer failed:[/yellow] {failure}")
+    seen: set[tuple[str, str]] = set()
     for row in outcome.rows:
         for note in row.notes:
-            console.print(f"[yellow]note:[/yellow] {row.label} @{row.budget}: {note}")
+            if (row.label, note) not in seen:  # one line per curve for notes that every budget shares
+                seen.add((row.label, note))
+                console.print(f"[yellow]note:[/yellow] {row.label} @{row.budget}: {note}")
     console.print(f"wrote {spec.out}/summary.json (report: apportion report {spec.out})")
 
 
