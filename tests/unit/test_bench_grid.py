@@ -3,6 +3,7 @@
 import json
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -151,3 +152,39 @@ def test_intervals():
     assert mean_interval([1.0] * 20) == wilson(20, 20)
     low, high = mean_interval([0.5, 0.6, 0.4, 0.5])
     assert low < 0.5 < high and high - low < 0.2
+
+
+async def test_a_draw_killed_mid_line_resumes_cleanly(tmp_path):
+    qs = problems(4)
+    await run_bench(BenchSpec(qs[:2], options(), "toy", tmp_path), ScriptedBackend(sampler))
+    path = tmp_path / "bank.jsonl"
+    path.write_text(path.read_text() + '{"problem": {"id": "2", "quest')  # killed while writing entry 3
+    assert len(SampleBank.load(path).entries) == 2
+    again = ScriptedBackend(sampler)
+    await run_bench(BenchSpec(qs, options(), "toy", tmp_path, resume=True), again)
+    assert len(again.calls) == 2 and [e.problem.id for e in SampleBank.load(path).entries] == ["0", "1", "2", "3"]
+
+
+async def test_resume_refuses_another_dataset(tmp_path):
+    await run_bench(BenchSpec(problems(2), options(), "toy", tmp_path), ScriptedBackend(sampler))
+    with pytest.raises(ConfigError, match="dataset"):
+        await run_bench(BenchSpec(problems(2), options(), "other", tmp_path, resume=True), ScriptedBackend(sampler))
+
+
+async def test_setup_errors_come_before_any_sampling(tmp_path):
+    backend = ScriptedBackend(sampler)
+    with pytest.raises(ConfigError, match="scores"):
+        await run_bench(BenchSpec(problems(2), options(scorer="bank"), "toy", tmp_path / "a"), backend)
+    with pytest.raises(ConfigError, match="replay' or 'live'"):
+        await run_bench(BenchSpec(problems(2), options(), "toy", tmp_path / "b", peers=("its_hub",),
+                                  peer_endpoint="sideways"), backend)
+    assert backend.calls == []
+
+
+async def test_a_server_that_returns_fewer_samples_is_caught_at_once(tmp_path):
+    class Short(ScriptedBackend):
+        async def generate(self, prompt, params, *, deadline=None):
+            return await super().generate(prompt, replace(params, n=params.n - 1), deadline=deadline)
+
+    with pytest.raises(BackendError, match="asked for 4 samples, got 3"):
+        await run_bench(BenchSpec(problems(2), options(), "toy", tmp_path), Short(sampler))

@@ -88,16 +88,20 @@ class SampleBank:
     def load(cls, path: str | Path) -> SampleBank:
         path = Path(path)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read bank {path}: {exc.strerror or exc}") from None
+        if not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]  # a draw cut off mid-line: that entry was never finished
+        lines = text.splitlines()
         if not lines:
             raise ConfigError(f"{path} is empty")
-        header = json.loads(lines[0])
-        if header.get("bank") != BANK_VERSION:
+        header = _json_line(lines[0], path, 1)
+        if not isinstance(header, dict) or header.get("bank") != BANK_VERSION:
             raise ConfigError(f"{path} is not a sample bank (version {BANK_VERSION} header missing)")
         meta = {k: v for k, v in header.items() if k != "bank"}
-        entries = [_entry_from(json.loads(line), path, n) for n, line in enumerate(lines[1:], 2) if line.strip()]
+        entries = [_entry_from(_json_line(line, path, n), path, n) for n, line in enumerate(lines[1:], 2)
+                   if line.strip()]
         return cls(entries, meta)
 
 
@@ -109,6 +113,8 @@ class BankWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not (append and self.path.is_file() and self.path.stat().st_size)
+        if not fresh:
+            _drop_unfinished_line(self.path)
         self._out = self.path.open("w" if fresh else "a", encoding="utf-8")
         if fresh:
             self._out.write(json.dumps({"bank": BANK_VERSION, **meta}) + "\n")
@@ -126,6 +132,21 @@ class BankWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _json_line(line: str, path: Path, number: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+
+
+def _drop_unfinished_line(path: Path) -> None:
+    """Cut a partial last line (a draw killed mid-write) so appended entries start on their own line."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
 
 
 def open_bank(path: str | Path) -> SampleBank:

@@ -24,7 +24,7 @@ from apportion.bench.datasets import Problem
 from apportion.bench.replay import REPLAYABLE, ReplayPoint, replay
 from apportion.bench.stats import mean_interval
 from apportion.budget.units import Budget, Price
-from apportion.errors import ApportionError, ConfigError
+from apportion.errors import ApportionError, BackendError, ConfigError
 from apportion.lm.base import Backend, Prompt, SamplingParams
 from apportion.reward import SCORERS
 
@@ -189,6 +189,8 @@ async def draw_bank(backend: Backend, problems: Sequence[Problem], k: int, sampl
             started = time.monotonic()
             completion = await backend.generate(prompt, params)
             seconds = time.monotonic() - started
+        if len(completion.samples) != k:  # found at once, not as a short bank after the whole draw
+            raise BackendError(f"question {problem.id}: asked for {k} samples, got {len(completion.samples)}")
         entry = BankEntry(problem, tuple(BankSample.from_sample(s) for s in completion.samples),
                           completion.usage.input_tokens, prompt.to_dict(), seconds,
                           completion.usage.estimated)
@@ -214,11 +216,17 @@ def replay_cells(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, sc
     name = canonical(algorithm)
     replay_scorer = _REPLAY_SCORERS.get(scorer, scorer)
     points = replay(bank, name, budgets, orders=orders, seed=seed, scorer=replay_scorer, equivalence=equivalence)
+    notes = []
+    if name != "self-consistency" and replay_scorer == "self-certainty" and not any(
+            s.logprobs for e in bank.entries for s in e.samples):
+        notes.append("the bank has no log-probabilities, so self-certainty scored nothing: this is a majority vote")
+    # requests ran this many at a time while drawing: the summed request times overstate the wall time
+    parallel = max(1, int(bank.meta.get("concurrency", 1)))
     for point in points:
         outcomes = _replay_outcomes(bank, point, price)
-        wall = sum(_scaled_seconds(e, t) for e, t in zip(bank.entries, point.per_question_tokens))
+        wall = sum(_scaled_seconds(e, t) for e, t in zip(bank.entries, point.per_question_tokens)) / parallel
         yield make_row("apportion", name, point.scorer, point.budget, "replay", outcomes, wall, True,
-                       point.accuracy_std, point.orders), outcomes
+                       point.accuracy_std, point.orders, notes), outcomes
 
 
 def _replay_outcomes(bank: SampleBank, point: ReplayPoint, price: Price) -> list[QuestionOutcome]:
@@ -274,4 +282,7 @@ async def live_cell(backend: Backend, problems: Sequence[Problem], algorithm: st
     outcomes = list(await asyncio.gather(*(one(i, p) for i, p in enumerate(problems))))
     wall = time.monotonic() - started
     scorer = None if name == "self-consistency" else options.scorer
-    return make_row("apportion", name, scorer, budget, "live", outcomes, wall, False), outcomes
+    failed = sum(1 for o in outcomes if o.error)
+    notes = [f"{failed} question(s) failed (counted wrong; what they spent before failing is not counted)"] \
+        if failed else []
+    return make_row("apportion", name, scorer, budget, "live", outcomes, wall, False, notes=notes), outcomes

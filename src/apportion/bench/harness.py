@@ -23,7 +23,16 @@ from apportion import __version__
 from apportion.answers.equivalence import Equivalence
 from apportion.bench.bank import BankWriter, SampleBank
 from apportion.bench.datasets import Problem
-from apportion.bench.grid import GridOptions, Progress, QuestionOutcome, Row, draw_bank, live_cell, replay_cells
+from apportion.bench.grid import (
+    GridOptions,
+    Progress,
+    QuestionOutcome,
+    Row,
+    canonical,
+    draw_bank,
+    live_cell,
+    replay_cells,
+)
 from apportion.bench.peers import PeerRun, peer, peer_rows
 from apportion.budget.units import Price
 from apportion.errors import ConfigError
@@ -53,6 +62,8 @@ class BenchSpec:
     """Replay orders per peer cell (live peer cells run once)."""
     peer_algorithms: tuple[str, ...] | None = None
     """What the peers run (default: the grid's algorithms)."""
+    price: Price | None = None
+    """Prices for a given bank's tokens (default: the backend's, else free)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,6 +110,13 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
                           "(use a replayable scorer, or drop --bank)")
     if live and backend is None:
         raise ConfigError("live cells need a backend")
+    if not spec.problems:
+        raise ConfigError("no questions to run")
+    if options.scorer == "bank" and any(canonical(a) != "self-consistency" for a in replayed) and not (
+            spec.bank is not None and any(s.score is not None for e in spec.bank.entries for s in e.samples)):
+        raise ConfigError("scorer 'bank' needs a bank with its own scores (e.g. the math_cot file)")
+    if spec.peers:  # checked now: a bad peer setup must not surface after hours of sampling
+        _peer_mode(spec, backend, has_bank=spec.bank is not None or bool(replayed))
     spec.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     eq = Equivalence()
@@ -110,8 +128,9 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
         raise ConfigError(f"budget {options.bank_size} exceeds the bank's {bank.k} samples per question")
     sinks = _Sinks(spec.out)
     rows: list[Row] = []
+    failures: list[str] = []
     try:
-        price = backend.price if backend is not None else Price()
+        price = spec.price or (backend.price if backend is not None else Price())
         for algorithm in replayed:
             assert bank is not None
             for row, outcomes in replay_cells(bank, algorithm, options.budgets, scorer=options.scorer,
@@ -128,7 +147,6 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
                                                 equivalence=eq, progress=progress)
                 rows.append(row)
                 sinks.record(row, outcomes)
-        failures: list[str] = []
         if spec.peers:
             peer_run = _peer_run(spec, backend, bank)
             for name in spec.peers:
@@ -140,10 +158,11 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
             failures = peer_run.failures
     finally:
         sinks.close()
-    summary = _summary(spec, backend, bank, rows, time.monotonic() - started)
-    summary["peer_failures"] = failures
-    (spec.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
+        # written whatever happened to the peers: the cells already run are never lost
+        summary = _summary(spec, backend, bank, rows, time.monotonic() - started)
+        summary["peer_failures"] = failures
+        (spec.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
     return BenchOutcome(summary, rows)
 
 
@@ -153,12 +172,16 @@ async def _draw(spec: BenchSpec, backend: Backend, progress: Progress | None) ->
     have: dict[str, Any] = {}
     if spec.resume and path.is_file():
         previous = SampleBank.load(path)
-        _check_resumable(previous, backend, options)
+        _check_resumable(previous, backend, options, spec.dataset)
         have = {e.problem.id: e for e in previous.entries}
+        for p in spec.problems:
+            if p.id in have and have[p.id].problem != p:
+                raise ConfigError(f"cannot resume: question {p.id} of the bank is not this dataset's question {p.id}")
     todo = [p for p in spec.problems if p.id not in have]
     total, done = len(spec.problems), len(spec.problems) - len(todo)
     meta = {"dataset": spec.dataset, "model": backend.model, "backend": backend.name, "k": options.bank_size,
-            "seed": options.seed, "sampling": asdict(options.sampling), "created": _now()}
+            "seed": options.seed, "sampling": asdict(options.sampling), "concurrency": options.concurrency,
+            "created": _now()}
     if progress is not None:
         progress("sampling", done, total)
 
@@ -179,37 +202,46 @@ async def _draw(spec: BenchSpec, backend: Backend, progress: Progress | None) ->
     drawn = SampleBank.load(path)
     by_id = {e.problem.id: e for e in drawn.entries}
     bank = SampleBank([by_id[p.id] for p in spec.problems], drawn.meta)
-    if [e.problem.id for e in drawn.entries] != [p.id for p in spec.problems]:
+    wanted = {p.id for p in spec.problems}
+    others = [e for e in drawn.entries if e.problem.id not in wanted]  # drawn earlier with a larger --limit
+    if [e.problem.id for e in drawn.entries] != [p.id for p in spec.problems] + [e.problem.id for e in others]:
         # entries land in completion order; the file keeps dataset order, as an uncut draw would
         partial = path.with_suffix(".tmp")
-        bank.save(partial)
+        SampleBank(bank.entries + others, drawn.meta).save(partial)
         partial.replace(path)
     return bank
 
 
-def _peer_run(spec: BenchSpec, backend: Backend | None, bank: SampleBank | None) -> PeerRun:
+def _peer_mode(spec: BenchSpec, backend: Backend | None, *, has_bank: bool) -> str:
     for name in spec.peers:
         peer(name)  # an unknown name is a usage error, before any peer runs
-    mode = spec.peer_endpoint or ("replay" if bank is not None else "live")
+    mode = spec.peer_endpoint or ("replay" if has_bank else "live")
+    if mode not in ("replay", "live"):
+        raise ConfigError(f"peer endpoint must be 'replay' or 'live', got {mode!r}")
+    if mode == "replay" and not has_bank:
+        raise ConfigError("peers on a replay endpoint need a bank: replay a sample-based algorithm or give --bank")
+    if mode == "live" and not isinstance(backend, OpenAIHTTPBackend):
+        raise ConfigError("live peers need an OpenAI-compatible server (--base-url); the embedded model is not one")
+    return mode
+
+
+def _peer_run(spec: BenchSpec, backend: Backend | None, bank: SampleBank | None) -> PeerRun:
+    mode = _peer_mode(spec, backend, has_bank=bank is not None)
     options = spec.options
+    price = spec.price or (backend.price if backend is not None else Price())
     if mode == "replay":
-        if bank is None:
-            raise ConfigError("peers on a replay endpoint need a bank: replay a sample-based algorithm or give --bank")
-        price = backend.price if backend is not None else Price()
+        assert bank is not None
         return PeerRun(lambda order: ReplayBackend(bank, seed=options.seed + order, price=price), "replay",
                        spec.peer_orders, options.sampling, options.seed, options.concurrency)
-    if mode != "live":
-        raise ConfigError(f"peer endpoint must be 'replay' or 'live', got {mode!r}")
-    if not isinstance(backend, OpenAIHTTPBackend):
-        raise ConfigError("live peers need an OpenAI-compatible server (--base-url); the embedded model is not one")
     http = backend
+    assert isinstance(http, OpenAIHTTPBackend)
     return PeerRun(lambda order: OpenAIHTTPBackend(http.options), "live", 1, options.sampling, options.seed,
                    options.concurrency)
 
 
-def _check_resumable(previous: SampleBank, backend: Backend, options: GridOptions) -> None:
+def _check_resumable(previous: SampleBank, backend: Backend, options: GridOptions, dataset: str) -> None:
     meta = previous.meta
-    wanted = {"model": backend.model, "k": options.bank_size, "seed": options.seed,
+    wanted = {"dataset": dataset, "model": backend.model, "k": options.bank_size, "seed": options.seed,
               "sampling": asdict(options.sampling)}
     for key, value in wanted.items():
         value = json.loads(json.dumps(value))  # as the header stored it (tuples become lists)

@@ -18,6 +18,7 @@ from apportion.bench.datasets import DATASETS, load_dataset
 from apportion.bench.grid import GridOptions, Row, canonical
 from apportion.bench.harness import BenchSpec, run_bench
 from apportion.bench.peers import peer as peer_module
+from apportion.budget.units import Price
 from apportion.cli._app import (
     EXIT_FAILURE,
     EXIT_USAGE,
@@ -101,14 +102,26 @@ def bench(
     try:
         if (dataset is None) == (bank is None):
             raise ConfigError("give --dataset (to sample) or --bank (to replay a bank), not both")
+        if limit is not None and limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {limit}")
+        if concurrency is not None and concurrency < 1:
+            raise ConfigError(f"--concurrency must be >= 1, got {concurrency}")
+        if bank is not None:
+            unused = [name for name in ("base_url", "model", "model_path", "price_file", "resume", "live",
+                                        "question_field", "answer_field", "level_field", "data_dir",
+                                        "max_tokens", "temperature", "top_p", "system_prompt")
+                      if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+            if unused:
+                raise ConfigError("--bank replays recorded samples; these options would be unused: "
+                                  + ", ".join("--" + u.replace("_", "-") for u in unused))
         given_bank = open_bank(bank) if bank is not None else None
         sampling = sampling_options(max_tokens, temperature, top_p, system_prompt)
+        scorer_given = getattr(ctx.get_parameter_source("scorer"), "name", None) == "COMMANDLINE"
         if given_bank is not None:
             # a bank was drawn with its own settings: peers get the same prompt, and a bank with
             # its own scores (a reward model's) is scored by them unless told otherwise
             sampling = _bank_sampling(given_bank.meta, sampling)
-            if scorer == "self-certainty" and any(s.score is not None for e in given_bank.entries
-                                                  for s in e.samples):
+            if not scorer_given and any(s.score is not None for e in given_bank.entries for s in e.samples):
                 scorer = "bank"
         options = GridOptions(
             algorithms=tuple(_split(algorithms, "algorithms")),
@@ -137,7 +150,8 @@ def bench(
             raise ConfigError(f"--peer-orders must be >= 1, got {peer_orders}")
         spec = BenchSpec(problems, options, name, out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}",
                          given_bank, resume, peers, peer_endpoint, peer_orders,
-                         tuple(_split(peer_algorithms, "peer-algorithms")) if peer_algorithms else None)
+                         tuple(_split(peer_algorithms, "peer-algorithms")) if peer_algorithms else None,
+                         Price.parse(price) if price and given_bank is not None else None)
     except ApportionError as exc:
         fail(console, exc, EXIT_USAGE)
     try:

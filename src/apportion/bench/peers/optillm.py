@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,8 @@ from apportion.serve.runner import bind_free_port
 ALGORITHMS = {"best-of-n": "bon", "self-consistency": "self_consistency"}
 FIXED_BUDGET = {"self-consistency": 5}
 _START_S = 90.0
+# one question's whole approach (samples and ratings, one after another) on a slow CPU model
+_REQUEST_S = 900.0
 _WRAP = "User: "
 
 
@@ -83,10 +86,12 @@ class Proxy:
         # unset (it switches optillm to local inference with model downloads).
         env = {k: v for k, v in os.environ.items() if k != "OPTILLM_API_KEY"}
         env.update(OPENAI_API_KEY="sk-none", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        # its log goes to a file: an unread pipe fills up and blocks the proxy mid-run
+        self._log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")  # noqa: SIM115 (closed in stop)
         self._proc = subprocess.Popen(
             [command, "--base-url", upstream, "--port", str(self.port), "--host", "127.0.0.1",
              "--best-of-n", str(best_of_n)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            env=env, stdout=subprocess.DEVNULL, stderr=self._log, text=True)
 
     @property
     def url(self) -> str:
@@ -97,8 +102,8 @@ class Proxy:
         async with httpx.AsyncClient(timeout=2) as client:
             while True:
                 if self._proc.poll() is not None:
-                    raise RuntimeError(f"optillm exited with {self._proc.returncode}: "
-                                       f"{(self._proc.stderr.read() if self._proc.stderr else '')[-800:]}")
+                    self._log.seek(0)
+                    raise RuntimeError(f"optillm exited with {self._proc.returncode}: {self._log.read()[-800:]}")
                 try:
                     if (await client.get(f"{self.url}/health")).status_code == 200:
                         return
@@ -115,11 +120,15 @@ class Proxy:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        self._log.close()
 
 
 async def answer(algorithm: str, base_url: str, model: str, problems: Sequence[Problem], budget: int,
                  sampling: SamplingOptions, *, seed: int, concurrency: int) -> list[tuple[str | None, str | None]]:
-    proxy = Proxy(base_url, budget)
+    try:
+        proxy = Proxy(base_url, budget)
+    except OSError as exc:
+        return [(None, f"optillm could not start: {exc}")] * len(problems)
     try:
         await proxy.wait()
     except RuntimeError as exc:
@@ -145,7 +154,7 @@ async def answer(algorithm: str, base_url: str, model: str, problems: Sequence[P
             return None, f"malformed reply ({exc}): {reply.text[:300]}"
 
     try:
-        async with httpx.AsyncClient(timeout=None) as client:
+        async with httpx.AsyncClient(timeout=_REQUEST_S) as client:
             return list(await asyncio.gather(*(one(client, p) for p in problems)))
     finally:
         proxy.stop()
