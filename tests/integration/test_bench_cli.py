@@ -49,7 +49,8 @@ def test_bench_input_errors_name_the_problem(tmp_path):
     assert proc.returncode == 2 and "unknown dataset" in proc.stderr
     proc = run_cli("bench", "--bank", str(DATA / "math_cot_100_samples.jsonl"), "--budgets", "1,two")
     assert proc.returncode == 2 and "--budgets" in proc.stderr
-    proc = run_cli("bench", "--bank", str(DATA / "math_cot_100_samples.jsonl"), "--budgets", "16")
+    proc = run_cli("bench", "--bank", str(DATA / "math_cot_100_samples.jsonl"), "--budgets", "16",
+                   "--out", str(tmp_path / "too-big"))
     assert proc.returncode == 1 and "exceeds the bank" in proc.stderr
     proc = run_cli("bench", "--bank", str(DATA / "math_cot_100_samples.jsonl"), "--max-tokens", "64")
     assert proc.returncode == 2 and "would be unused: --max-tokens" in proc.stderr
