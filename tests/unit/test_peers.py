@@ -8,7 +8,7 @@ from apportion.bench.grid import GridOptions
 from apportion.bench.harness import BenchSpec, run_bench
 from apportion.bench.peers import PeerRun, its_hub, optillm, peer_rows
 from apportion.bench.peers.endpoint import UNMATCHED, CountingBackend
-from apportion.errors import ConfigError, ModelNotFound
+from apportion.errors import BackendError, ConfigError, ModelNotFound
 from apportion.lm.base import Message, Prompt, SamplingParams
 from apportion.lm.replay import ReplayBackend
 from apportion.lm.scripted import ScriptedBackend
@@ -95,3 +95,14 @@ async def test_missing_or_unknown_peers(drawn, tmp_path):
     with pytest.raises(ConfigError, match="OpenAI-compatible server"):
         await run_bench(BenchSpec(qs, options, "toy", tmp_path / "live", peers=("its_hub",)),
                         ScriptedBackend(sampler))
+
+
+async def test_a_question_asked_twice_is_served_from_both_entries(drawn):
+    qs, bank, _ = drawn
+    twice = SampleBank([bank.entries[0], bank.entries[0]], bank.meta)
+    backend = ReplayBackend(twice)
+    prompt = Prompt.chat(qs[0].question, system="Be brief.")
+    served = [await backend.generate(prompt, SamplingParams(n=4)) for _ in range(2)]
+    assert [len(c.samples) for c in served] == [4, 4]
+    with pytest.raises(BackendError, match="recorded samples"):
+        await backend.generate(prompt, SamplingParams(n=1))

@@ -33,7 +33,10 @@ class ReplayBackend:
         self.bank = bank
         self._model = model or str(bank.meta.get("model", "bank"))
         self._price = price or Price()
-        self._by_question = {e.problem.question: i for i, e in enumerate(bank.entries)}
+        # a dataset may ask one question twice (MAWPS does): its entries are served one after another
+        self._by_question: dict[str, list[int]] = {}
+        for i, e in enumerate(bank.entries):
+            self._by_question.setdefault(e.problem.question, []).append(i)
         rng = np.random.default_rng(seed)
         self._orders = [list(rng.permutation(len(e.samples))) for e in bank.entries]
         self._served = [0] * len(bank.entries)
@@ -62,10 +65,10 @@ class ReplayBackend:
         the raw text)."""
         users = [m.content for m in prompt.messages if m.role == "user"]
         question = users[-1] if users else (prompt.text or "")
-        index = self._by_question.get(question)
-        if index is None:
+        indices = self._by_question.get(question)
+        if indices is None:
             raise ModelNotFound(f"prompt not in the bank: {question[:80]!r}")
-        return index
+        return next((i for i in indices if self._served[i] < len(self.bank.entries[i].samples)), indices[-1])
 
     async def prompt_tokens(self, prompt: Prompt) -> int:
         return self.bank.entries[self.entry_index(prompt)].prompt_tokens
@@ -73,9 +76,9 @@ class ReplayBackend:
     async def generate(self, prompt: Prompt, params: SamplingParams, *,
                        deadline: float | None = None) -> Completion:
         started = time.monotonic()
-        index = self.entry_index(prompt)
-        entry = self.bank.entries[index]
-        with self._lock:
+        with self._lock:  # choosing among a repeated question's entries reads what was served
+            index = self.entry_index(prompt)
+            entry = self.bank.entries[index]
             first = self._served[index]
             picks = self._orders[index][first : first + params.n]
             self._served[index] = first + len(picks)
