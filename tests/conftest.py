@@ -3,11 +3,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from apportion.serve.runner import wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -52,7 +52,7 @@ def llama_server(gguf):
             stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}/v1"
-            _wait_until_up(proc, url, log_path)
+            wait_for_server(proc, url, log_path)
             yield url
         finally:
             proc.terminate()
@@ -62,16 +62,9 @@ def llama_server(gguf):
                 proc.kill()
 
 
-def _wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, limit_s: float = 120) -> None:
-    deadline = time.monotonic() + limit_s
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"llama_cpp.server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"llama_cpp.server did not come up within {limit_s} s")
-        time.sleep(0.5)
+def wait_for_server(proc: subprocess.Popen, url: str, log_path: Path, limit_s: float = 120) -> None:
+    """Fail the test, with the server's own log, if it does not come up."""
+    try:
+        wait_until_up(url, proc, timeout_s=limit_s, poll_s=0.2)
+    except RuntimeError as exc:
+        pytest.fail(f"{' '.join(map(str, proc.args[:4]))}: {exc}: {log_path.read_text()[-2000:]}")

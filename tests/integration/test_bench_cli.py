@@ -61,27 +61,20 @@ def test_bench_input_errors_name_the_problem(tmp_path):
 def test_replay_serve_serves_a_bank_over_http(tmp_path):
     import subprocess
     import sys
-    import time
 
     import httpx
 
-    from tests.conftest import free_port
+    from tests.conftest import free_port, wait_for_server
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "apportion", "replay-serve",
-                             str(DATA / "math_cot_100_samples.jsonl"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "replay-serve.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "apportion", "replay-serve",
+                                 str(DATA / "math_cot_100_samples.jsonl"), "--port", str(port)],
+                                stdout=sink, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.2)
+        wait_for_server(proc, url, log, limit_s=60)
         first = json.loads((DATA / "math_cot_100_samples.jsonl").read_text().splitlines()[0])
         body = {"model": httpx.get(f"{url}/models").json()["data"][0]["id"], "n": 3,
                 "messages": [{"role": "user", "content": first["question"]}]}

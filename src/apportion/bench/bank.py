@@ -75,6 +75,15 @@ class SampleBank:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def has_scores(self) -> bool:
+        """Some sample carries an external score (a reward model's)."""
+        return any(s.score is not None for e in self.entries for s in e.samples)
+
+    @property
+    def has_logprobs(self) -> bool:
+        return any(s.logprobs for e in self.entries for s in e.samples)
+
+    @property
     def k(self) -> int:
         """Samples every question has (the largest budget replay can serve)."""
         return min((len(e.samples) for e in self.entries), default=0)

@@ -217,8 +217,7 @@ def replay_cells(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, sc
     replay_scorer = _REPLAY_SCORERS.get(scorer, scorer)
     points = replay(bank, name, budgets, orders=orders, seed=seed, scorer=replay_scorer, equivalence=equivalence)
     notes = []
-    if name != "self-consistency" and replay_scorer == "self-certainty" and not any(
-            s.logprobs for e in bank.entries for s in e.samples):
+    if name != "self-consistency" and replay_scorer == "self-certainty" and not bank.has_logprobs:
         notes.append("the bank has no log-probabilities, so self-certainty scored nothing: this is a majority vote")
     # requests ran this many at a time while drawing: the summed request times overstate the wall time
     parallel = max(1, int(bank.meta.get("concurrency", 1)))

@@ -113,7 +113,7 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
     if not spec.problems:
         raise ConfigError("no questions to run")
     if options.scorer == "bank" and any(canonical(a) != "self-consistency" for a in replayed) and not (
-            spec.bank is not None and any(s.score is not None for e in spec.bank.entries for s in e.samples)):
+            spec.bank is not None and spec.bank.has_scores):
         raise ConfigError("scorer 'bank' needs a bank with its own scores (e.g. the math_cot file)")
     if spec.peers:  # checked now: a bad peer setup must not surface after hours of sampling
         _peer_mode(spec, backend, has_bank=spec.bank is not None or bool(replayed))
@@ -148,9 +148,9 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
                 rows.append(row)
                 sinks.record(row, outcomes)
         if spec.peers:
-            peer_run = _peer_run(spec, backend, bank)
+            peer_run = _peer_run(spec, backend, bank, price)
+            algorithms = spec.peer_algorithms or options.algorithms
             for name in spec.peers:
-                algorithms = spec.peer_algorithms or options.algorithms
                 for row, outcomes in await peer_rows(name, algorithms, options.budgets, spec.problems,
                                                      peer_run, equivalence=eq, progress=progress):
                     rows.append(row)
@@ -225,10 +225,9 @@ def _peer_mode(spec: BenchSpec, backend: Backend | None, *, has_bank: bool) -> s
     return mode
 
 
-def _peer_run(spec: BenchSpec, backend: Backend | None, bank: SampleBank | None) -> PeerRun:
+def _peer_run(spec: BenchSpec, backend: Backend | None, bank: SampleBank | None, price: Price) -> PeerRun:
     mode = _peer_mode(spec, backend, has_bank=bank is not None)
     options = spec.options
-    price = spec.price or (backend.price if backend is not None else Price())
     if mode == "replay":
         assert bank is not None
         return PeerRun(lambda order: ReplayBackend(bank, seed=options.seed + order, price=price), "replay",

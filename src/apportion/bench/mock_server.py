@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from types import TracebackType
 
-import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,7 +20,7 @@ from starlette.routing import Mount, Route
 from apportion.budget.units import Price, Usage
 from apportion.lm.base import Capabilities, Completion, Prompt, Sample, SamplingParams
 from apportion.serve.openai_app import openai_app
-from apportion.serve.runner import bind_free_port, uvicorn_config
+from apportion.serve.runner import bind_free_port, uvicorn_config, wait_until_up
 
 MOCK_MODEL = "instant"
 REPLY = "The answer is 42."
@@ -133,17 +131,11 @@ class MockServer:
         return self
 
     def _wait_until_up(self) -> None:
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while True:
-            try:
-                if httpx.get(f"{self.base_url}/models", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or (self._process is not None and self._process.poll() is not None):
-                self.__exit__(None, None, None)
-                raise RuntimeError("the mock server did not answer")
-            time.sleep(0.05)
+        try:
+            wait_until_up(self.base_url, self._process, timeout_s=_START_TIMEOUT_S)
+        except RuntimeError as exc:
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"the mock server did not answer: {exc}") from None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,7 +16,7 @@ from apportion.algorithms.base import SamplingOptions
 from apportion.bench.bank import open_bank
 from apportion.bench.datasets import DATASETS, load_dataset
 from apportion.bench.grid import GridOptions, Row, canonical
-from apportion.bench.harness import BenchSpec, run_bench
+from apportion.bench.harness import BenchOutcome, BenchSpec, run_bench
 from apportion.bench.peers import peer as peer_module
 from apportion.budget.units import Price
 from apportion.cli._app import (
@@ -39,6 +39,7 @@ from apportion.cli._app import (
     sampling_options,
 )
 from apportion.errors import ApportionError, ConfigError
+from apportion.lm.base import Backend
 from apportion.lm.openai_http import OpenAIHTTPBackend
 
 bench_app = typer.Typer(
@@ -121,7 +122,7 @@ def bench(
             # a bank was drawn with its own settings: peers get the same prompt, and a bank with
             # its own scores (a reward model's) is scored by them unless told otherwise
             sampling = _bank_sampling(given_bank.meta, sampling)
-            if not scorer_given and any(s.score is not None for e in given_bank.entries for s in e.samples):
+            if not scorer_given and given_bank.has_scores:
                 scorer = "bank"
         options = GridOptions(
             algorithms=tuple(_split(algorithms, "algorithms")),
@@ -172,7 +173,7 @@ def bench(
     console.print(f"wrote {spec.out}/summary.json (report: apportion report {spec.out})")
 
 
-async def _run(spec: BenchSpec, backend: object, console: Console):  # type: ignore[no-untyped-def]
+async def _run(spec: BenchSpec, backend: Backend | None, console: Console) -> BenchOutcome:
     try:
         if isinstance(backend, OpenAIHTTPBackend):
             await backend.check()
@@ -185,13 +186,13 @@ async def _run(spec: BenchSpec, backend: object, console: Console):  # type: ign
                     tasks[stage] = bar.add_task(stage, total=total)
                 bar.update(tasks[stage], completed=done)
 
-            return await run_bench(spec, backend, progress=progress)  # type: ignore[arg-type]
+            return await run_bench(spec, backend, progress=progress)
     finally:
         if backend is not None:
-            await backend.aclose()  # type: ignore[attr-defined]
+            await backend.aclose()
 
 
-def _table(rows: list[Row], summary: dict, console: Console) -> None:  # type: ignore[type-arg]
+def _table(rows: list[Row], summary: dict[str, Any], console: Console) -> None:
     table = Table(title=f"{summary['dataset']}: {summary['questions']} questions, {summary['model']} "
                         f"({summary['backend']})")
     for column in ("system", "algorithm", "budget", "mode", "accuracy [95% CI]", "± orders", "in tok", "out tok",
@@ -207,7 +208,7 @@ def _table(rows: list[Row], summary: dict, console: Console) -> None:  # type: i
     console.print(table)
 
 
-def _bank_sampling(meta: dict, default: SamplingOptions) -> SamplingOptions:  # type: ignore[type-arg]
+def _bank_sampling(meta: dict[str, Any], default: SamplingOptions) -> SamplingOptions:
     recorded = meta.get("sampling")
     if not isinstance(recorded, dict):
         return default

@@ -40,7 +40,7 @@ class ReplayBackend:
         rng = np.random.default_rng(seed)
         self._orders = [list(rng.permutation(len(e.samples))) for e in bank.entries]
         self._served = [0] * len(bank.entries)
-        self._logprobs = any(s.logprobs for e in bank.entries for s in e.samples)
+        self._logprobs = bank.has_logprobs
         self._lock = threading.Lock()
 
     @property

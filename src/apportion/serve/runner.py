@@ -4,10 +4,13 @@ port of 127.0.0.1 (tests, and anything that needs a server next to its own code)
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
+import httpx
 import uvicorn
 from starlette.types import ASGIApp
 
@@ -27,6 +30,24 @@ def uvicorn_config(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0,
 def serve(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serve ``app`` until interrupted (Ctrl-C / SIGTERM stop it cleanly)."""
     uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level)).run()
+
+
+def wait_until_up(base_url: str, process: subprocess.Popen[Any] | None = None, *, timeout_s: float = 60.0,
+                  poll_s: float = 0.05) -> None:
+    """Return once ``GET {base_url}/models`` answers 200; raise RuntimeError if ``process`` (the
+    server, when it runs in one) exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before answering")
+        try:
+            if httpx.get(f"{base_url}/models", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server at {base_url} did not answer within {timeout_s:.0f} s")
+        time.sleep(poll_s)
 
 
 def bind_free_port(host: str = "127.0.0.1") -> socket.socket:
