@@ -48,7 +48,10 @@ class Candidate:
 class Result:
     """``final`` is False for the interim results an algorithm streams while it works.
     ``distribution`` maps each distinct answer to its votes (self-consistency) or summed score
-    (weighted best-of-N). ``exhausted`` says the budget, not the algorithm, ended the run."""
+    (weighted best-of-N). ``exhausted`` says the budget, not the algorithm, ended the run.
+    ``error`` says a failure (a server that stopped answering) ended it early; ``partial`` that
+    the answer is the best of what was drawn before that failure. ``spent`` counts everything,
+    failed calls that may have been billed included."""
 
     answer: str | None
     response: str | None
@@ -66,6 +69,11 @@ class Result:
     trace: tuple[CallRecord, ...] = ()
     notes: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def partial(self) -> bool:
+        return self.error is not None and bool(self.candidates)
 
     def to_dict(self, *, trace: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -78,6 +86,8 @@ class Result:
             "budget": self.budget.to_dict(),
             "exhausted": self.exhausted,
             "exhausted_reason": self.exhausted_reason,
+            "partial": self.partial,
+            "error": self.error,
             "final": self.final,
             "seed": self.seed,
             "backend": self.backend,

@@ -102,12 +102,12 @@ def test_reserve_prefers_full_length_samples_then_truncates_one():
     assert "output_tokens: 5 left" in ledger.exhausted_reason
 
 
-def test_total_tokens_counts_prompt_once_when_shared_else_per_sample():
+def test_total_tokens_counts_the_prompt_once_per_request():
     shared = Ledger(Budget(total_tokens=500)).reserve(Ask(n=8, max_tokens=50, prompt_tokens=100))
     assert shared.n == 8  # 100 + 8 * 50 = 500
-    separate = Ledger(Budget(total_tokens=500)).reserve(
-        Ask(n=8, max_tokens=50, prompt_tokens=100, prompt_shared=False))
-    assert separate.n == 3  # 3 * (100 + 50) = 450
+    ledger = Ledger(Budget(total_tokens=500))  # one request per sample: each pays for the prompt
+    grants = [ledger.reserve(Ask(n=1, max_tokens=50, prompt_tokens=100)) for _ in range(8)]
+    assert sum(g is not None for g in grants) == 3  # 3 * (100 + 50) = 450
 
 
 def test_dollar_budget_clamps_exactly():

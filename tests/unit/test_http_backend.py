@@ -3,7 +3,9 @@
 import pytest
 
 from apportion import Budget, HTTPOptions, OpenAIHTTPBackend, Prompt, SamplingParams, SelfConsistency
-from apportion.errors import BackendRequestError, BackendUnavailable, ModelNotFound
+from apportion.budget.ledger import Ledger
+from apportion.lm.metered import MAX_FRUITLESS_ROUNDS, MeteredLM
+from apportion.errors import BackendRequestError, BackendUnavailable, ModelNotFound, RunFailed
 from tests.support.fake_openai import FakeOpenAI
 
 QUESTION = "What is 40 plus 2?"
@@ -14,49 +16,76 @@ def backend(server: FakeOpenAI, **kw) -> OpenAIHTTPBackend:
     return OpenAIHTTPBackend(HTTPOptions(**options))
 
 
-async def test_native_n_is_one_request_and_learned():
+async def test_n_is_one_request_from_the_start():
     with FakeOpenAI() as server:
         lm = backend(server)
-        assert lm.capabilities.native_n is False  # unknown until seen: reservations stay pessimistic
+        assert lm.capabilities.native_n is True  # asking for n costs no more than one sample would
         completion = await lm.generate(Prompt.chat(QUESTION), SamplingParams(n=4, max_tokens=32, logprobs=True))
         assert len(completion.samples) == 4
         assert server.billing.requests == 1
-        assert lm.capabilities.native_n is True
         assert completion.usage.input_tokens == server.billing.prompt_tokens
         assert completion.usage.output_tokens == server.billing.completion_tokens
         assert completion.samples[0].logprobs == (-0.25,) * completion.samples[0].output_tokens
         await lm.aclose()
 
 
-async def test_server_ignoring_n_is_detected_and_made_up_with_distinct_seeds():
+async def test_a_short_reply_is_returned_as_it_came():
+    """The backend makes one request and returns what it got; making up the rest is the metered
+    layer's job, through the ledger."""
     with FakeOpenAI(honor_n=False) as server:
         lm = backend(server)
         completion = await lm.generate(Prompt.chat(QUESTION), SamplingParams(n=4, max_tokens=32, seed=5))
-        assert len(completion.samples) == 4
+        assert len(completion.samples) == 1 and server.billing.requests == 1
         assert any("returned 1 of n=4" in note for note in completion.notes)
-        assert sorted(b.get("seed") for b in server.billing.bodies) == [5, 6, 7, 8]
-        assert lm.capabilities.native_n is False
-        # later calls go straight to single requests
-        await lm.generate(Prompt.chat(QUESTION), SamplingParams(n=3, max_tokens=32))
-        assert [b["n"] for b in server.billing.bodies[4:]] == [1, 1, 1]
-        assert completion.usage.input_tokens == 4 * (server.billing.prompt_tokens // 7)
+        assert completion.usage.input_tokens == server.billing.prompt_tokens
         await lm.aclose()
 
 
-async def test_retries_500_429_timeout_malformed_and_disconnects_with_exact_accounting():
-    faults = ["500", "429", "timeout", "malformed", "nochoices", "disconnect"]
+async def test_server_ignoring_n_is_made_up_through_the_ledger_with_distinct_seeds():
+    with FakeOpenAI(honor_n=False) as server:
+        lm = backend(server)
+        metered = MeteredLM(lm, Ledger(Budget(generations=100)))
+        completion = await metered.generate(Prompt.chat(QUESTION), SamplingParams(n=4, max_tokens=32, seed=5))
+        assert len(completion.samples) == 4
+        assert [b.get("seed") for b in server.billing.bodies] == [5, 6, 7, 8]
+        # three one-choice replies to n > 1 in a row are evidence: the server ignores n
+        assert [b["n"] for b in server.billing.bodies] == [4, 3, 2, 1]
+        assert lm.capabilities.native_n is False
+        await metered.generate(Prompt.chat(QUESTION), SamplingParams(n=3, max_tokens=32))
+        assert [b["n"] for b in server.billing.bodies[4:]] == [1, 1, 1]
+        spent = metered.ledger.spend()
+        assert spent.input_tokens == server.billing.prompt_tokens == 7 * (server.billing.prompt_tokens // 7)
+        assert len(metered.ledger.trace) == 7  # every request reserved and settled on its own
+        await lm.aclose()
+
+
+async def test_retries_what_cost_nothing_and_charges_what_may_have_cost():
+    faults = ["500", "429", "timeout", "malformed", "disconnect"]
     with FakeOpenAI(faults=faults, timeout_sleep_s=1.0) as server:
         lm = backend(server, max_retries=8, timeout_s=0.4)
         result = await SelfConsistency().run(lm, QUESTION, Budget(generations=3))
-        assert result.answer == "42"
+        assert result.answer == "42" and result.error is None
         assert result.spent.generations == 3
-        # spend is exactly what the server billed for the replies that reached us
-        assert result.spent.input_tokens == server.billing.prompt_tokens
-        assert result.spent.output_tokens == server.billing.completion_tokens
-        assert not result.spent.estimated
-        notes = " ".join(result.trace[0].notes)
-        assert "6 failed attempt(s) retried" in notes
-        assert "HTTP 500" in notes and "HTTP 429" in notes and "malformed" in notes
+        assert server.billing.requests == 6  # 500 and 429 retried by the backend, the rest by the metered layer
+        # the timed-out, malformed and disconnected replies were charged: never less than billed
+        assert result.spent.input_tokens >= server.billing.prompt_tokens
+        assert result.spent.output_tokens >= server.billing.completion_tokens
+        assert result.spent.estimated
+        failed = [r for r in result.trace if r.error]
+        assert len(failed) == 3 and all(r.usage.output_tokens > 0 for r in failed)
+        assert any("HTTP 500" in n and "HTTP 429" in n for r in result.trace for n in r.notes)
+        await lm.aclose()
+
+
+async def test_a_server_that_keeps_failing_after_generating_is_given_up_with_the_spend():
+    with FakeOpenAI(faults=["malformed"] * 10) as server:
+        lm = backend(server)
+        with pytest.raises(RunFailed, match="malformed") as failure:
+            await SelfConsistency().run(lm, QUESTION, Budget(generations=3))
+        assert server.billing.requests == MAX_FRUITLESS_ROUNDS
+        result = failure.value.result
+        assert result.answer is None and result.error and not result.partial
+        assert result.spent.calls == MAX_FRUITLESS_ROUNDS and result.spent.output_tokens > 0
         await lm.aclose()
 
 
@@ -66,16 +95,22 @@ async def test_gives_up_after_max_retries_and_charges_nothing_unbilled():
         with pytest.raises(BackendUnavailable, match="after 3 attempt"):
             await lm.generate(Prompt.chat(QUESTION), SamplingParams())
         assert server.billing.requests == 3
+        metered = MeteredLM(lm, Ledger(Budget(generations=2)))
+        with pytest.raises(BackendUnavailable):
+            await metered.generate(Prompt.chat(QUESTION), SamplingParams(n=2))
+        assert metered.ledger.spend().total_tokens == 0 and metered.ledger.remaining().generations == 2
         await lm.aclose()
 
 
-async def test_partial_fan_out_keeps_what_succeeded():
+async def test_a_failure_after_some_samples_keeps_them():
     with FakeOpenAI(honor_n=False, faults=["ok", "500", "500", "500"]) as server:
         lm = backend(server, max_retries=0)
-        completion = await lm.generate(Prompt.chat(QUESTION), SamplingParams(n=4, max_tokens=32))
+        metered = MeteredLM(lm, Ledger(Budget(generations=4)))
+        completion = await metered.generate(Prompt.chat(QUESTION), SamplingParams(n=4, max_tokens=32))
         assert len(completion.samples) == 1
-        assert completion.usage.output_tokens == server.billing.completion_tokens
-        assert any("3 of 3 requests failed" in n for n in completion.notes)
+        assert isinstance(completion.error, BackendUnavailable)
+        assert metered.ledger.spend().output_tokens == server.billing.completion_tokens
+        assert any("keeping the 1 samples drawn" in n for n in completion.notes)
         await lm.aclose()
 
 

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 from apportion._sync import run_sync
 from apportion.answers.equivalence import Equivalence
 from apportion.answers.extract import read_answer
-from apportion.budget.ledger import Ledger
+from apportion.budget.ledger import CallRecord, Ledger
 from apportion.budget.units import Budget
-from apportion.errors import BudgetError, BudgetExhausted, ConfigError
+from apportion.errors import BackendError, BudgetError, BudgetExhausted, ConfigError, RunFailed
 from apportion.lm.base import Backend, Prompt, Sample, SamplingParams
 from apportion.lm.metered import MeteredLM
 from apportion.result import Candidate, Result
@@ -72,10 +72,15 @@ class RunContext:
     algorithm: str
     options: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    """The failure that ended the run early, if one did (the candidates drawn before it are kept)."""
 
     @property
     def ledger(self) -> Ledger:
         return self.lm.ledger
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = self.error or str(exc)
 
     def candidate(self, sample: Sample) -> Candidate:
         return Candidate.from_sample(sample, *read_answer(sample.text))
@@ -83,6 +88,7 @@ class RunContext:
     def result(self, *, answer: str | None, response: str | None, candidates: Sequence[Candidate],
                distribution: dict[str, float], final: bool) -> Result:
         ledger = self.ledger
+        trace = tuple(ledger.trace)
         return Result(
             answer=answer,
             response=response,
@@ -97,9 +103,10 @@ class RunContext:
             seed=self.seed,
             backend=self.lm.backend.name,
             model=self.lm.backend.model,
-            trace=tuple(ledger.trace),
-            notes=tuple(self.notes),
+            trace=trace,
+            notes=tuple(dict.fromkeys([*self.notes, *server_warnings(trace)])),
             options=self.options,
+            error=self.error,
         )
 
 
@@ -123,6 +130,8 @@ class Algorithm(ABC):
             last = result
         if last is None or not last.final:  # pragma: no cover - every stream ends with a final result
             raise RuntimeError(f"{self.name} ended without a final result")
+        if last.error is not None and not last.candidates:
+            raise RunFailed(last.error, last)
         return last
 
     def run_sync(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, *,
@@ -157,6 +166,23 @@ class Algorithm(ABC):
                           self.equivalence, self.name, self.options_dict())
 
 
+def server_warnings(trace: Sequence[CallRecord]) -> list[str]:
+    """What a user must see of the servers' misbehaviour in a run, once each (the per-call trace
+    has the detail): overruns, dropped extra choices, estimated usage, billed failures."""
+    out = []
+    for record in trace:
+        if record.overrun.calls:
+            out.append("the server generated more than was reserved (extra choices or ignored max_tokens): "
+                       "charged, and counted as the server's overrun in spent.server_overrun")
+        if record.usage.estimated:
+            out.append("the server did not report usage for some calls: their tokens are upper bounds (estimated)")
+        if record.error is not None and (record.usage.input_tokens or record.usage.output_tokens):
+            out.append("some failed requests may have been billed by the server: charged "
+                       "(see the trace)")
+        out.extend(n for n in record.notes if "kept the first" in n)
+    return out
+
+
 def check_budget_can_bind(budget: Budget, lm: Backend) -> None:
     """A dollar limit on a model with no price would never bind: refuse it up front."""
     if budget.usd is not None and lm.price.free:
@@ -170,6 +196,7 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions) -> AsyncIterato
     """Draw candidates in calls of as many samples as the budget allows, until it refuses.
 
     One call carries many samples (``n``), never one call per sample: the backend batches them.
+    A backend failure ends the loop (recorded with ``ctx.fail``) and keeps what was drawn.
     """
     caps = ctx.lm.backend.capabilities
     call = 0
@@ -194,7 +221,13 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions) -> AsyncIterato
             completion = await ctx.lm.generate(ctx.prompt, params, min_tokens=opts.min_tokens)
         except BudgetExhausted:
             return
+        except BackendError as exc:  # what earlier calls drew stays: the run ends with it, flagged
+            ctx.fail(exc)
+            return
         call += 1
         yield [ctx.candidate(s) for s in completion.samples]
+        if completion.error is not None:
+            ctx.fail(completion.error)
+            return
         if not completion.samples or any(s.finish_reason == "deadline" for s in completion.samples):
             return

@@ -17,7 +17,7 @@ from apportion.algorithms.voting import score_tally
 from apportion.answers.equivalence import Equivalence
 from apportion.budget.ledger import Ledger
 from apportion.budget.units import Budget
-from apportion.errors import ConfigError
+from apportion.errors import ConfigError, ScoringFailed
 from apportion.lm.base import Backend, Prompt
 from apportion.result import Candidate, Result
 from apportion.reward.base import OutcomeScorer
@@ -30,16 +30,25 @@ class BestOfNOptions:
     weighted: bool = False
 
 
+class _BestOfNName:
+    """``BestOfN.name``: "best-of-n" on the class and on plain instances, "weighted-best-of-n" on weighted ones.
+
+    ``Algorithm.name`` is a class variable; a descriptor lets the one class carry both names without assigning
+    to it per instance.
+    """
+
+    def __get__(self, obj: BestOfN | None, owner: type[BestOfN] | None = None) -> str:
+        return "weighted-best-of-n" if obj is not None and obj.options.weighted else "best-of-n"
+
+
 class BestOfN(Algorithm):
-    name = "best-of-n"
+    name = _BestOfNName()
 
     def __init__(self, options: BestOfNOptions | None = None, *, scorer: OutcomeScorer | None = None,
                  equivalence: Equivalence | None = None) -> None:
         super().__init__(equivalence=equivalence)
         self.options = options or BestOfNOptions()
         self.scorer = scorer or SelfCertainty()
-        if self.options.weighted:
-            self.name = "weighted-best-of-n"
 
     def options_dict(self) -> dict[str, object]:
         return {**super().options_dict(), "scorer": self.scorer.name}
@@ -55,9 +64,15 @@ class BestOfN(Algorithm):
         ctx = self.context(lm, prompt, budget, seed, opts.system_prompt)
         candidates: list[Candidate] = []
         async for batch in sample_batches(ctx, opts):
-            scores = await self.scorer.score(ctx.lm, ctx.question, batch)
+            try:
+                scores = await self.scorer.score(ctx.lm, ctx.question, batch)
+            except ScoringFailed as exc:  # the candidates and the scores had are kept; the run ends
+                scores = exc.scores
+                ctx.fail(exc)
             candidates.extend(replace(c, score=s) for c, s in zip(batch, scores))
             yield self._select(ctx, candidates, final=False)
+            if ctx.error is not None:
+                break
         yield self._select(ctx, candidates, final=True)
 
     def _select(self, ctx: RunContext, candidates: Sequence[Candidate], final: bool) -> Result:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from apportion.budget.units import Budget, Price, Spend, Usage, to_fraction
+from apportion.budget.units import Budget, Overrun, Price, Spend, Usage, to_fraction
 from apportion.errors import BudgetError
 
 _grant_ids = itertools.count(1)
@@ -31,10 +31,9 @@ class Ask:
     n: int
     max_tokens: int
     prompt_tokens: int
-    """Upper bound of the prompt's tokens for one request (exact where the backend can count)."""
-    prompt_shared: bool = True
-    """True where the n samples are charged the prompt once (native ``n``), False where each
-    sample is a separate request that pays for the prompt again."""
+    """Upper bound of the prompt's tokens for the request (exact where the backend can count). One
+    request pays for its prompt once, whatever its ``n``; samples drawn by separate requests are
+    separate asks."""
     price: Price = field(default_factory=Price)
     scorer: bool = False
     """Scoring calls (judges) are charged tokens, dollars and time but not policy generations."""
@@ -75,6 +74,8 @@ class CallRecord:
     latency_s: float
     notes: tuple[str, ...] = ()
     error: str | None = None
+    overrun: Overrun = field(default_factory=Overrun)
+    """What the server forced past this call's reservation (charged, and shown apart)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +93,7 @@ class CallRecord:
             "latency_s": round(self.latency_s, 4),
             "notes": list(self.notes),
             "error": self.error,
+            "server_overrun": self.overrun.to_dict() if self.overrun.calls else None,
         }
 
 
@@ -142,6 +144,7 @@ class Ledger:
         self._lock = threading.Lock()
         self._spent = _Tally()
         self._reserved = _Tally()
+        self._overrun = Overrun()
         self._open: dict[int, Grant] = {}
         self._calls = 0
         self._estimated = False
@@ -204,6 +207,7 @@ class Ledger:
                 seconds=self.elapsed(),
                 calls=self._calls,
                 estimated=self._estimated,
+                overrun=self._overrun,
             )
 
     # -- reserve / settle ----------------------------------------------------------------------
@@ -219,8 +223,7 @@ class Ledger:
             n, max_tokens = fit
             if self.parent is not None:
                 upstream = self.parent.reserve(
-                    Ask(n, max_tokens, ask.prompt_tokens, ask.prompt_shared, ask.price, ask.scorer,
-                        ask.min_tokens)
+                    Ask(n, max_tokens, ask.prompt_tokens, ask.price, ask.scorer, ask.min_tokens)
                 )
                 if upstream is None:
                     self.exhausted_reason = f"parent budget: {self.parent.exhausted_reason}"
@@ -228,7 +231,7 @@ class Ledger:
                 n, max_tokens, gid = upstream.n, upstream.max_tokens, upstream.id
             else:
                 gid = next(_grant_ids)
-            worst = worst_usage(n, max_tokens, ask.prompt_tokens, ask.prompt_shared)
+            worst = worst_usage(n, max_tokens, ask.prompt_tokens)
             worst_usd = ask.price.cost(worst.input_tokens, worst.output_tokens)
             grant = Grant(gid, n, max_tokens, worst, worst_usd, ask.price, ask.scorer,
                           clamped=(n, max_tokens) != (ask.n, ask.max_tokens))
@@ -239,15 +242,21 @@ class Ledger:
     def settle(self, grant: Grant, usage: Usage, record: CallRecord | None = None) -> Fraction:
         """Replace a grant's worst case by what the call really consumed; returns its cost.
 
-        Usage above the worst case (a server that ignored max_tokens, a prompt larger than its
-        estimate) is charged as reported, never hidden, and noted in the record.
+        Tokens above the worst case (a server that ignored max_tokens or sent choices nobody asked
+        for) are charged as reported, never hidden, and counted as the server's overrun. More
+        generations than granted is the caller's bug, refused.
         """
+        if usage.generations > grant.n:
+            raise BudgetError(f"grant {grant.id} allowed {grant.n} generations, settled with {usage.generations}")
         usd = grant.price.cost(usage.input_tokens, usage.output_tokens)
+        over = overrun(grant, usage)
         with self._lock:
             if self._open.pop(grant.id, None) is None:
                 raise BudgetError(f"grant {grant.id} settled twice or never reserved here")
             self._reserved.add(grant.worst, grant.worst_usd, grant.scorer, sign=-1)
             self._spent.add(usage, usd, grant.scorer)
+            if over.calls:
+                self._overrun = self._overrun + over
             self._calls += 1
             self._estimated = self._estimated or usage.estimated
             if record is not None:
@@ -290,17 +299,22 @@ class Ledger:
         return _binding_unit(ask, rem)
 
 
-def worst_usage(n: int, max_tokens: int, prompt_tokens: int, prompt_shared: bool) -> Usage:
-    return Usage(
-        generations=n,
-        input_tokens=prompt_tokens if prompt_shared else n * prompt_tokens,
-        output_tokens=n * max_tokens,
-    )
+def worst_usage(n: int, max_tokens: int, prompt_tokens: int) -> Usage:
+    return Usage(generations=n, input_tokens=prompt_tokens, output_tokens=n * max_tokens)
+
+
+def overrun(grant: Grant, usage: Usage) -> Overrun:
+    """The part of ``usage`` above what ``grant`` set aside, unit by unit."""
+    over_in = max(0, usage.input_tokens - grant.worst.input_tokens)
+    over_out = max(0, usage.output_tokens - grant.worst.output_tokens)
+    if not (over_in or over_out):
+        return Overrun()
+    return Overrun(over_in, over_out, grant.price.cost(over_in, over_out), 1)
 
 
 def _max_tokens_for(n: int, ask: Ask, rem: Remaining) -> int:
     """The most output tokens per sample that n samples may have; negative when none fit."""
-    inp = ask.prompt_tokens if ask.prompt_shared else n * ask.prompt_tokens
+    inp = ask.prompt_tokens
     bound = ask.max_tokens
     if rem.input_tokens is not None and inp > rem.input_tokens:
         return -1

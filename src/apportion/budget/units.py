@@ -7,7 +7,7 @@ sum of many tiny per-token prices would drift across the limit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from typing import Any
 
@@ -204,8 +204,30 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class Overrun:
+    """Spend a server forced past what was reserved for its calls: tokens of choices nobody asked
+    for, samples longer than ``max_tokens``, a prompt larger than the server's own count of it.
+    Charged (a paid API bills it) and shown apart: it is the server's doing, not the engine's."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usd: Fraction = Fraction(0)
+    calls: int = 0
+
+    def __add__(self, other: Overrun) -> Overrun:
+        return Overrun(self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens,
+                       self.usd + other.usd, self.calls + other.calls)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "total_tokens": self.input_tokens + self.output_tokens, "usd": float(self.usd),
+                "calls": self.calls}
+
+
+@dataclass(frozen=True, slots=True)
 class Spend:
-    """What a run consumed, in every unit. ``usd`` is exact (a Fraction); ``to_dict`` gives floats."""
+    """What a run consumed, in every unit. ``usd`` is exact (a Fraction); ``to_dict`` gives floats.
+    ``overrun`` is the part of it a server forced past the reservations (see Overrun)."""
 
     generations: int = 0
     scorer_generations: int = 0
@@ -215,10 +237,25 @@ class Spend:
     seconds: float = 0.0
     calls: int = 0
     estimated: bool = False
+    overrun: Overrun = field(default_factory=Overrun)
 
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+    def violations(self, budget: Budget) -> list[str]:
+        """The limits this spend passes by the engine's own doing (the server's overrun set
+        aside): always empty, unless the ledger is broken."""
+        o = self.overrun
+        own: dict[str, tuple[Fraction, float | int | None]] = {
+            "generations": (Fraction(self.generations), budget.generations),
+            "input_tokens": (Fraction(self.input_tokens - o.input_tokens), budget.input_tokens),
+            "output_tokens": (Fraction(self.output_tokens - o.output_tokens), budget.output_tokens),
+            "total_tokens": (Fraction(self.total_tokens - o.input_tokens - o.output_tokens), budget.total_tokens),
+            "usd": (self.usd - o.usd, budget.usd),
+        }
+        return [f"{unit}: {float(spent):g} > {limit:g}" for unit, (spent, limit) in own.items()
+                if limit is not None and spent > to_fraction(limit)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -231,4 +268,5 @@ class Spend:
             "seconds": round(self.seconds, 4),
             "calls": self.calls,
             "estimated": self.estimated,
+            "server_overrun": self.overrun.to_dict(),
         }

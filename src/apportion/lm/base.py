@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from apportion.budget.units import Price, Usage
-from apportion.errors import ConfigError
+from apportion.errors import BackendError, ConfigError
 
 ROLES = ("system", "user", "assistant")
 
@@ -136,21 +136,24 @@ class Sample:
 @dataclass(frozen=True, slots=True)
 class Completion:
     """What one call returned; ``usage`` is what it consumed, ``notes`` say what the backend had
-    to work around (a server that ignored n, missing usage, retried attempts)."""
+    to work around (a server that ignored n, missing usage, retried attempts). ``error`` is set
+    where a failure cut the call short after some samples were drawn (they are kept)."""
 
     samples: tuple[Sample, ...]
     usage: Usage
     model: str
     latency_s: float
     notes: tuple[str, ...] = ()
+    error: BackendError | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """Declared, not guessed; an HTTP backend updates ``native_n`` once it has seen the server."""
+    """Declared, not guessed; an HTTP backend revises ``native_n`` as it sees the server."""
 
     native_n: bool = False
-    """n samples come from one request and pay for the prompt once."""
+    """A request for n samples returns them all (and pays for the prompt once). Where False, the
+    metered layer asks for one sample per request instead."""
     logprobs: bool = False
     continuation: bool = False
     prefix_cache: bool = False
@@ -183,8 +186,14 @@ class Backend(Protocol):
     async def generate(
         self, prompt: Prompt, params: SamplingParams, *, deadline: float | None = None
     ) -> Completion:
-        """Sample ``params.n`` continuations. ``deadline`` (time.monotonic) ends generation early:
-        backends that can stop mid-sample return what they have with finish_reason "deadline"."""
+        """One request for ``params.n`` continuations. ``deadline`` (time.monotonic) ends generation
+        early: backends that can stop mid-sample return what they have with finish_reason "deadline".
+
+        Returns what the request got: fewer samples than ``n`` where the source gave fewer (the
+        caller decides whether to ask again, through the ledger), never more. ``usage`` is what the
+        request consumed, including anything the backend dropped. A failure raises BackendError
+        saying whether the request may have been billed (see ``BackendError``); a backend retries
+        on its own only failures that cost nothing."""
         ...
 
     async def aclose(self) -> None: ...

@@ -1,23 +1,47 @@
-"""A backend seen through a ledger: every call is reserved, clamped, made, and settled.
+"""A backend seen through a ledger: every request is reserved, clamped, made, and settled.
 
-Algorithms and scorers never call a backend directly; they call a MeteredLM, so the budget
-holds for all of them without each one re-implementing checks.
+Algorithms and scorers never call a backend directly; they call a MeteredLM, so the budget holds
+for all of them without each one re-implementing checks. A backend makes one request per
+``generate`` and returns what it got. Everything further is another request, reserved like the
+first and refused when the budget cannot pay for it: the samples a short reply left out, a retry
+after a reply that was paid for but unusable, one request per sample for a server that ignores
+``n``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
-from apportion.budget.ledger import Ask, CallRecord, Grant, Ledger
+from apportion.budget.ledger import Ask, CallRecord, Grant, Ledger, overrun
 from apportion.budget.units import Usage
-from apportion.errors import BackendError, BudgetExhausted
-from apportion.lm.base import Backend, Completion, Prompt, SamplingParams
+from apportion.errors import BackendError, BackendTimeout, BudgetExhausted, DeadlineReached
+from apportion.lm.base import Backend, Completion, Prompt, Sample, SamplingParams
 
 # Past the deadline a backend that cannot stop mid-request gets this long to return before it
 # is cancelled; the cancelled call is then charged its reservation.
 _DEADLINE_GRACE_S = 0.25
+# A call gives up after this many rounds of requests in a row that add no sample (a server that
+# keeps failing, perhaps billing each time), or after this many hangs (each costs a whole timeout).
+MAX_FRUITLESS_ROUNDS = 4
+MAX_TIMEOUTS = 2
+
+
+@dataclass(slots=True)
+class _Draw:
+    """What one ``generate`` has gathered so far, over all its requests."""
+
+    samples: list[Sample] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    notes: list[str] = field(default_factory=list)
+    errors: list[BackendError] = field(default_factory=list)
+    requests: int = 0
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
 
 
 class MeteredLM:
@@ -36,62 +60,129 @@ class MeteredLM:
         return MeteredLM(backend or self.backend, self.ledger, kind="scorer")
 
     async def generate(self, prompt: Prompt, params: SamplingParams, *, min_tokens: int = 1) -> Completion:
-        """Sample at most ``params.n`` continuations of at most ``params.max_tokens`` tokens each;
-        fewer or shorter where the budget says so. Raises BudgetExhausted when nothing fits."""
-        backend = self.backend
-        prompt_tokens = await backend.prompt_tokens(prompt)
-        ask = Ask(
-            n=params.n,
-            max_tokens=params.max_tokens,
-            prompt_tokens=prompt_tokens,
-            prompt_shared=backend.capabilities.native_n,
-            price=backend.price,
-            scorer=self.kind == "scorer",
-            min_tokens=min(min_tokens, params.max_tokens),
-        )
-        grant = self.ledger.reserve(ask)
-        if grant is None:
+        """Up to ``params.n`` samples of at most ``params.max_tokens`` tokens each; fewer or
+        shorter where the budget says so.
+
+        Raises BudgetExhausted when the ledger refuses the first request, and the backend's error
+        when requests fail for good before any sample is drawn. Samples drawn before a failure are
+        returned with the failure in ``Completion.error``: paid work is never thrown away.
+        """
+        started = time.monotonic()
+        prompt_tokens = await self.backend.prompt_tokens(prompt)
+        draw = _Draw()
+        fruitless = timeouts = 0
+        while len(draw.samples) < params.n:
+            missing = params.n - len(draw.samples)
+            sizes = [missing] if missing == 1 or self.backend.capabilities.native_n else [1] * missing
+            grants = self._reserve(sizes, prompt_tokens, params, min_tokens)
+            if not grants:
+                break
+            before = len(draw.samples)
+            starts = itertools.accumulate([before, *(g.n for g in grants[:-1])])
+            results = await asyncio.gather(
+                *(self._request(prompt, params, g, start) for g, start in zip(grants, starts)),
+                return_exceptions=True)
+            draw.requests += len(grants)
+            stop = False
+            for r in results:
+                if isinstance(r, Completion):
+                    draw.samples.extend(r.samples)
+                    draw.usage = draw.usage + r.usage
+                    for note in r.notes:
+                        draw.note(note)
+                elif isinstance(r, BudgetExhausted):
+                    stop = True
+                elif isinstance(r, BackendError):
+                    draw.errors.append(r)
+                    stop = stop or not r.retryable
+                    timeouts += isinstance(r, BackendTimeout)
+                else:
+                    raise r
+            fruitless = fruitless + 1 if len(draw.samples) == before else 0
+            if stop or fruitless >= MAX_FRUITLESS_ROUNDS or timeouts >= MAX_TIMEOUTS:
+                break
+            wait = max((e.retry_after for e in draw.errors[-len(grants):]), default=0.0)
+            left = self.ledger.seconds_left()
+            if wait > 0 and (left is None or wait < left):
+                await asyncio.sleep(wait)
+        if not draw.samples:
+            if draw.errors:
+                raise draw.errors[-1]
             raise BudgetExhausted(self.ledger.exhausted_reason or "budget exhausted")
-        granted = replace(params, n=grant.n, max_tokens=grant.max_tokens)
+        if draw.requests > 1:
+            draw.note(f"{len(draw.samples)} of n={params.n} samples in {draw.requests} requests")
+        error = draw.errors[-1] if draw.errors and len(draw.samples) < params.n else None
+        if error is not None:
+            draw.note(f"stopped after a failure, keeping the {len(draw.samples)} samples drawn: {error}")
+        return Completion(tuple(draw.samples), draw.usage, self.backend.model, time.monotonic() - started,
+                          tuple(draw.notes), error)
+
+    def _reserve(self, sizes: list[int], prompt_tokens: int, params: SamplingParams,
+                 min_tokens: int) -> list[Grant]:
+        """One grant per request, in order, until the ledger refuses one."""
+        grants = []
+        for size in sizes:
+            grant = self.ledger.reserve(Ask(
+                n=size, max_tokens=params.max_tokens, prompt_tokens=prompt_tokens, price=self.backend.price,
+                scorer=self.kind == "scorer", min_tokens=min(min_tokens, params.max_tokens)))
+            if grant is None:
+                break
+            grants.append(grant)
+        return grants
+
+    async def _request(self, prompt: Prompt, params: SamplingParams, grant: Grant, start: int) -> Completion:
+        """One backend request for the samples ``start`` onwards, within ``grant``; settled whatever
+        happens. Sample ``i`` gets seed ``params.seed + i``, so make-up requests never repeat a
+        sample and a request retried after a failure draws what the failed one would have."""
+        seed = None if params.seed is None else params.seed + start
+        granted = replace(params, n=grant.n, max_tokens=grant.max_tokens, seed=seed)
         deadline = self.ledger.deadline()
         started = time.monotonic()
         try:
             if deadline is None:
-                completion = await backend.generate(prompt, granted)
+                completion = await self.backend.generate(prompt, granted)
             else:
-                timeout = max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S
-                async with asyncio.timeout(timeout):
-                    completion = await backend.generate(prompt, granted, deadline=deadline)
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S):
+                    completion = await self.backend.generate(prompt, granted, deadline=deadline)
         except TimeoutError:
             self._settle_unknown(grant, params, started, "cancelled at the deadline")
-            raise BudgetExhausted("seconds: deadline reached during a call") from None
+            raise self._deadline() from None
         except asyncio.CancelledError:
             self._settle_unknown(grant, params, started, "cancelled")
             raise
         except BackendError as exc:
-            consumed: Usage | None = getattr(exc, "usage", None)
-            if consumed is None:
-                self.ledger.release(grant)
-            else:
-                self._settle(grant, params, consumed, started, (), error=str(exc))
+            self._settle_failure(grant, params, started, exc)
+            if isinstance(exc, DeadlineReached):
+                raise self._deadline() from exc
             raise
         except BaseException:
             self.ledger.release(grant)
             raise
-        notes = completion.notes
+        notes = list(completion.notes)
+        samples = completion.samples
+        if len(samples) > grant.n:  # a backend should have dropped them; never count them as drawn
+            notes.append(f"backend returned {len(samples)} samples for n={grant.n}: kept the first {grant.n}")
+            samples = samples[: grant.n]
         if grant.clamped:
-            notes = (f"budget clamped n {params.n}->{grant.n}, max_tokens "
-                     f"{params.max_tokens}->{grant.max_tokens}", *notes)
-        self._settle(grant, params, completion.usage, started, notes)
-        if completion.samples and any(s.finish_reason == "deadline" for s in completion.samples):
+            notes.insert(0, f"budget clamped n {params.n}->{grant.n}, max_tokens "
+                            f"{params.max_tokens}->{grant.max_tokens}")
+        usage = replace(completion.usage, generations=len(samples))
+        self._settle(grant, params, usage, started, tuple(notes))
+        if any(s.finish_reason == "deadline" for s in samples):
             self.ledger.exhausted_reason = self.ledger.exhausted_reason or "seconds: deadline reached"
-        return completion
+        return replace(completion, samples=samples, usage=usage, notes=tuple(notes))
+
+    def _deadline(self) -> BudgetExhausted:
+        self.ledger.exhausted_reason = self.ledger.exhausted_reason or "seconds: deadline reached"
+        return BudgetExhausted("seconds: deadline reached during a call")
 
     def _settle(self, grant: Grant, asked: SamplingParams, usage: Usage, started: float,
                 notes: tuple[str, ...], error: str | None = None) -> None:
         usd = grant.price.cost(usage.input_tokens, usage.output_tokens)
-        if usage.output_tokens > grant.worst.output_tokens or usage.input_tokens > grant.worst.input_tokens:
-            notes = (*notes, "usage above the reserved worst case (charged as reported)")
+        over = overrun(grant, usage)
+        if over.calls:
+            notes = (*notes, f"server overran the reservation by {over.input_tokens} input and "
+                             f"{over.output_tokens} output tokens (charged as reported, counted as the server's)")
         record = CallRecord(
             kind=self.kind,
             model=self.backend.model,
@@ -104,11 +195,25 @@ class MeteredLM:
             latency_s=time.monotonic() - started,
             notes=notes,
             error=error,
+            overrun=over,
         )
         self.ledger.settle(grant, usage, record)
 
-    def _settle_unknown(self, grant: Grant, asked: SamplingParams, started: float, why: str) -> None:
+    def _settle_failure(self, grant: Grant, asked: SamplingParams, started: float, exc: BackendError) -> None:
+        """A failed request costs what it may have cost upstream: nothing if it never reached the
+        server, what the server reported if it did, its worst case if that is unknown."""
+        if not exc.billed:
+            self.ledger.release(grant)
+        elif exc.consumed is None:
+            self._settle_unknown(grant, asked, started, "failed after reaching the server", error=str(exc))
+        else:
+            self._settle(grant, asked, replace(exc.consumed, generations=0), started,
+                         ("failed after reaching the server: charged what it reported",), error=str(exc))
+
+    def _settle_unknown(self, grant: Grant, asked: SamplingParams, started: float, why: str,
+                        error: str | None = None) -> None:
         """A call cut off before it reported usage may still have consumed tokens upstream; the
-        only safe figure is its worst case, marked as an estimate."""
-        worst = replace(grant.worst, estimated=True)
-        self._settle(grant, asked, worst, started, (f"{why}: charged the reserved worst case",))
+        only safe figure is its worst case, marked as an estimate. No sample reached us, so no
+        generation is counted."""
+        worst = replace(grant.worst, generations=0, estimated=True)
+        self._settle(grant, asked, worst, started, (f"{why}: charged the reserved worst case",), error)

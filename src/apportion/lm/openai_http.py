@@ -1,13 +1,17 @@
 """Any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, OpenAI) over HTTP.
 
-Servers lie, so what comes back is checked, not trusted:
-- ``n`` is sent as one request; a server that returns fewer choices (llama.cpp's ignores ``n``)
-  is remembered as not supporting it, the missing samples are made up with concurrent requests
-  (each with its own seed, or they would be identical), and later calls go straight to
-  concurrent requests.
-- Missing usage is estimated (and marked estimated), never taken as zero.
-- 429, 5xx, connection errors, timeouts and malformed bodies are retried with exponential
-  backoff (honouring Retry-After); other 4xx are not, and their message is surfaced.
+One ``generate`` is one request (the metered layer asks again, through the ledger, for whatever
+a reply left out). Servers lie, so what comes back is checked, not trusted:
+- ``n`` is sent in one request unless the server has shown, several replies in a row, that it
+  ignores it (``n_support``); fewer choices than asked come back as fewer samples, more are cut
+  to ``n`` with all their tokens charged (the server generated them) and a note.
+- Usage is taken from the reply; where it is missing it is bounded from above (``http_reply``)
+  and marked estimated, never taken as zero.
+- Failures that cost nothing (429, 5xx, a refused connection) are retried here with exponential
+  backoff, honouring Retry-After. Failures after the server took the request (no reply in time,
+  a reply cut off, a 200 without usable choices) may have been billed: they are raised with what
+  they cost, or with the cost unknown, for the ledger to charge, and retried by the caller.
+- Other 4xx are not retried, and the server's message is surfaced.
 """
 
 from __future__ import annotations
@@ -18,25 +22,35 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-from apportion.budget.units import Price, Usage
+from apportion.budget.units import Price
 from apportion.errors import (
     BackendError,
     BackendRequestError,
+    BackendTimeout,
     BackendUnavailable,
     ConfigError,
+    DeadlineReached,
     ModelNotFound,
 )
 from apportion.lm._loop import LoopLocal
-from apportion.lm.base import Capabilities, Completion, Prompt, Sample, SamplingParams
+from apportion.lm.base import Capabilities, Completion, Prompt, SamplingParams
+from apportion.lm.http_reply import read_reply
+from apportion.lm.n_support import NSupport
 
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+# Failures before the request could reach the server: nothing was generated, so nothing is billed.
+_UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteError, httpx.WriteTimeout,
+           httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.ProxyError)
 # Bytes per token is at least 1 for byte-level BPE; chat templates add a few special tokens
 # per message and sometimes a default system prompt. Raised when the server shows more.
 _DEFAULT_OVERHEAD = 64
 CONTINUATION_MODES = ("server", "chatml", "none")
+DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,14 +59,17 @@ class HTTPOptions:
     model: str
     api_key: str | None = None
     price: Price = field(default_factory=Price)
-    timeout_s: float = 300.0
-    connect_timeout_s: float = 10.0
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    """Longest wait for a whole reply to one request (a non-streamed reply arrives only when
+    generation is done, so this bounds generation too). A deadline budget shortens it."""
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     max_retries: int = 4
+    """Retries of failures that cost nothing (429, 5xx, refused connections)."""
     backoff_s: float = 0.5
     max_backoff_s: float = 20.0
     max_concurrency: int = 16
     native_n: bool | None = None
-    """None: find out from the first request with n > 1."""
+    """None: decide from the server's replies (``n_support``); True/False: trust this."""
     logprobs: bool | None = None
     """None: ask for logprobs and find out whether the server returns them."""
     continuation: str = "server"
@@ -70,22 +87,18 @@ class HTTPOptions:
             raise ConfigError("an HTTP backend needs a model name (--model)")
         if self.continuation not in CONTINUATION_MODES:
             raise ConfigError(f"continuation must be one of {CONTINUATION_MODES}, got {self.continuation!r}")
-        if self.max_retries < 0 or self.max_concurrency < 1 or self.timeout_s <= 0:
-            raise ConfigError("max_retries >= 0, max_concurrency >= 1 and timeout_s > 0 are required")
-
-
-@dataclass(slots=True)
-class _Attempts:
-    """What the retry loop saw, for the call's notes."""
-
-    failures: list[str] = field(default_factory=list)
+        if self.max_retries < 0 or self.max_concurrency < 1:
+            raise ConfigError("max_retries >= 0 and max_concurrency >= 1 are required")
+        if not (self.timeout_s > 0 and self.connect_timeout_s > 0):
+            raise ConfigError(f"timeouts must be > 0 seconds, got {self.connect_timeout_s} (connect) and "
+                              f"{self.timeout_s} (reply)")
 
 
 class OpenAIHTTPBackend:
     def __init__(self, options: HTTPOptions) -> None:
         self.options = options
         self._base = options.base_url.rstrip("/")
-        self._native_n = options.native_n
+        self._n = NSupport(options.native_n)
         self._logprobs = options.logprobs
         self._prompt_cache: dict[str, int] = {}
         self._overhead = _DEFAULT_OVERHEAD
@@ -111,7 +124,7 @@ class OpenAIHTTPBackend:
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(
-            native_n=self._native_n is True,
+            native_n=self._n.batches,
             logprobs=self._logprobs is not False,
             continuation=self.options.continuation != "none",
             prefix_cache=False,
@@ -133,33 +146,33 @@ class OpenAIHTTPBackend:
     async def generate(self, prompt: Prompt, params: SamplingParams, *,
                        deadline: float | None = None) -> Completion:
         started = time.monotonic()
-        attempts = _Attempts()
-        notes: list[str] = []
-        samples: list[Sample] = []
-        usage = Usage()
-        if params.n == 1 or self._native_n is not False:
-            samples, usage = await self._request(prompt, params, deadline, attempts)
-            if len(samples) < params.n and self._native_n is not False:
-                notes.append(f"server returned {len(samples)} of n={params.n} choices; "
-                             "making up the rest with separate requests")
-                self._native_n = False
-            elif params.n > 1 and self._native_n is None:
-                self._native_n = True
-        missing = params.n - len(samples)
-        if missing > 0:
-            more, more_usage, errors = await self._fan_out(prompt, params, missing, deadline, attempts,
-                                                           first_index=len(samples))
-            samples, usage = samples + more, usage + more_usage
-            if errors and not samples:
-                raise errors[0]
-            if errors:
-                notes.append(f"{len(errors)} of {missing} requests failed for good: {errors[0]}")
-        if attempts.failures:
-            notes.append(f"{len(attempts.failures)} failed attempt(s) retried: "
-                         + "; ".join(attempts.failures[:5]))
-        if usage.estimated:
-            notes.append("server reported no usage: token counts estimated")
-        return Completion(tuple(samples), usage, self.model, time.monotonic() - started, tuple(notes))
+        failures: list[str] = []
+        path, body = self._payload(prompt, params)
+        prompt_bound = self._prompt_estimate(prompt)
+        data = await self._post(path, body, deadline, failures)
+        reply = read_reply(data, params, prompt_bound)
+        notes = list(reply.notes)
+        if params.logprobs and self._logprobs is None and reply.samples:
+            self._logprobs = any(s.logprobs is not None for s in reply.samples)
+        changed = self._n.observe(params.n, len(reply.samples))
+        if changed:
+            notes.append(changed)
+        if not reply.samples:
+            raise BackendError(f"{self._base}{path} answered 200 with no choices", billed=True,
+                               consumed=None if reply.usage.estimated else replace(reply.usage, generations=0),
+                               retryable=True)
+        self._learn_prompt(prompt, reply.usage)
+        samples = reply.samples
+        if len(samples) > params.n:
+            notes.append(f"server returned {len(samples)} choices for n={params.n}: kept the first {params.n}, "
+                         "charged the tokens of all (the server generated them)")
+            samples = samples[: params.n]
+        elif len(samples) < params.n:
+            notes.append(f"server returned {len(samples)} of n={params.n} choices")
+        if failures:
+            notes.append(f"{len(failures)} failed attempt(s) retried: " + "; ".join(failures[:5]))
+        usage = replace(reply.usage, generations=len(samples))
+        return Completion(samples, usage, self.model, time.monotonic() - started, tuple(notes))
 
     async def aclose(self) -> None:
         client = self._clients.pop_current()
@@ -169,8 +182,8 @@ class OpenAIHTTPBackend:
     # -- preflight -----------------------------------------------------------------------------
 
     async def check(self) -> list[str]:
-        """Fail fast and clearly: is the server up, and does it serve this model? Returns the
-        served model names (empty where the server does not list them)."""
+        """Fail fast and clearly: is the server up, is this the API's address, does it serve this
+        model? Returns the served model names (empty where the server does not list them)."""
         try:
             response = await self._client().get(f"{self._base}/models", headers=self._headers())
         except httpx.HTTPError as exc:
@@ -179,6 +192,8 @@ class OpenAIHTTPBackend:
         if response.status_code in (401, 403):
             raise BackendRequestError(
                 f"{self._base} refused the API key (HTTP {response.status_code})", response.status_code)
+        if response.status_code == 404 and _path_hint(self._base):
+            raise ModelNotFound(f"{self._base}/models: HTTP 404; {_path_hint(self._base)}")
         if response.status_code != 200:
             return []
         try:
@@ -207,30 +222,15 @@ class OpenAIHTTPBackend:
             headers["Authorization"] = f"Bearer {self.options.api_key}"
         return headers
 
-    async def _fan_out(self, prompt: Prompt, params: SamplingParams, count: int,
-                       deadline: float | None, attempts: _Attempts,
-                       first_index: int) -> tuple[list[Sample], Usage, list[BaseException]]:
-        """``count`` single-sample requests at once (bounded by the concurrency limit); what
-        succeeded, what it consumed, and the errors of those that failed for good."""
-
-        def one(i: int) -> SamplingParams:
-            seed = None if params.seed is None else params.seed + first_index + i
-            return replace(params, n=1, seed=seed)
-
-        results = await asyncio.gather(
-            *(self._request(prompt, one(i), deadline, attempts) for i in range(count)),
-            return_exceptions=True,
-        )
-        samples: list[Sample] = []
-        usage = Usage()
-        errors: list[BaseException] = []
-        for r in results:
-            if isinstance(r, BaseException):
-                errors.append(r)
-            else:
-                samples.extend(r[0])
-                usage = usage + r[1]
-        return samples, usage, errors
+    def _learn_prompt(self, prompt: Prompt, usage: Any) -> None:
+        if usage.estimated:
+            return
+        key = prompt.key()
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = usage.input_tokens
+            bound = self._prompt_bound(prompt)
+            if usage.input_tokens > bound:
+                self._overhead += usage.input_tokens - bound + 16
 
     def _payload(self, prompt: Prompt, params: SamplingParams) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {
@@ -272,144 +272,81 @@ class OpenAIHTTPBackend:
         body.update(self.options.extra_body)
         return path, body
 
-    async def _request(self, prompt: Prompt, params: SamplingParams, deadline: float | None,
-                       attempts: _Attempts) -> tuple[list[Sample], Usage]:
-        path, body = self._payload(prompt, params)
-        data = await self._post(path, body, deadline, attempts)
-        samples, usage = self._parse(data, prompt, params)
-        if not usage.estimated:
-            key = prompt.key()
-            if key not in self._prompt_cache:
-                self._prompt_cache[key] = usage.input_tokens
-                bound = self._prompt_bound(prompt)
-                if usage.input_tokens > bound:
-                    self._overhead += usage.input_tokens - bound + 16
-        return samples, usage
-
     async def _post(self, path: str, body: dict[str, Any], deadline: float | None,
-                    attempts: _Attempts) -> dict[str, Any]:
+                    failures: list[str]) -> dict[str, Any]:
+        """The reply's JSON body. Retries what cost nothing; raises what may have cost something."""
         o = self.options
         url = f"{self._base}{path}"
-        last_error = "no attempt made"
         for attempt in range(o.max_retries + 1):
-            timeout = o.timeout_s
-            if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
-                if timeout <= 0:
-                    raise BackendUnavailable(f"deadline reached before {url} answered ({last_error})")
-            retry_after: float | None = None
-            try:
-                async with self._limits.get():
-                    response = await self._client().post(
-                        url, json=body, headers=self._headers(),
-                        timeout=httpx.Timeout(timeout, connect=min(timeout, o.connect_timeout_s)))
-                self._connected = True
-                if response.status_code == 200:
-                    try:
-                        data = response.json()
-                    except ValueError:
-                        data = None
-                    if isinstance(data, dict) and isinstance(data.get("choices"), list) and data["choices"]:
-                        return data
-                    last_error = "malformed response body"
-                elif response.status_code in _RETRY_STATUS:
-                    last_error = f"HTTP {response.status_code}"
-                    retry_after = _retry_after(response)
-                else:
-                    raise _request_error(response, url)
-            except httpx.HTTPError as exc:
-                if isinstance(exc, httpx.ConnectError) and not self._connected:
-                    # Nothing has ever answered: retrying for half a minute would only hide that.
-                    raise BackendUnavailable(f"cannot reach {self._base}: {_describe(exc)}") from None
-                last_error = _describe(exc)
-            attempts.failures.append(last_error)
+            outcome = await self._attempt(url, body, deadline)
+            if isinstance(outcome, dict):
+                return outcome
+            failure, retry_after = outcome
+            failures.append(failure)
             if attempt == o.max_retries:
                 break
             delay = min(o.max_backoff_s, o.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
             if retry_after is not None:
                 delay = min(o.max_backoff_s, max(delay, retry_after))
             if deadline is not None and time.monotonic() + delay >= deadline:
-                break
+                raise DeadlineReached(f"deadline reached before {url} answered ({failure})")
             await asyncio.sleep(delay)
-        raise BackendUnavailable(f"{url} failed after {len(attempts.failures)} attempt(s): {last_error}")
+        raise BackendUnavailable(f"{url} failed after {len(failures)} attempt(s): {failures[-1]}")
 
-    def _parse(self, data: dict[str, Any], prompt: Prompt,
-               params: SamplingParams) -> tuple[list[Sample], Usage]:
-        samples: list[Sample] = []
-        for choice in sorted(data["choices"], key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0):
-            if not isinstance(choice, dict):
-                continue
-            text = _choice_text(choice)
-            logprobs = _choice_logprobs(choice)
-            if params.logprobs and self._logprobs is None:
-                self._logprobs = logprobs is not None
-            finish = choice.get("finish_reason") or "stop"
-            samples.append(Sample(text, "length" if finish == "length" else "stop",
-                                  len(logprobs) if logprobs else 0, logprobs))
-        usage_raw = data.get("usage") if isinstance(data.get("usage"), dict) else None
-        prompt_tokens = _int(usage_raw, "prompt_tokens")
-        completion_tokens = _int(usage_raw, "completion_tokens")
-        estimated = prompt_tokens is None or completion_tokens is None
-        if prompt_tokens is None:
-            prompt_tokens = self._prompt_estimate(prompt)
-        if completion_tokens is None:
-            completion_tokens = sum(min(params.max_tokens, s.output_tokens or _estimate_tokens(s.text))
-                                    for s in samples)
-        samples = _spread_tokens(samples, completion_tokens)
-        usage = Usage(len(samples), prompt_tokens, completion_tokens, estimated)
-        return samples, usage
+    async def _attempt(self, url: str, body: dict[str, Any],
+                       deadline: float | None) -> dict[str, Any] | tuple[str, float | None]:
+        """One request: the parsed body, or (why, Retry-After) for a failure that cost nothing.
+        Failures that may have cost something, and those retrying cannot cure, are raised."""
+        o = self.options
+        async with self._limits.get():
+            wait, by_deadline = o.timeout_s, False
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineReached(f"deadline reached before {url} was asked")
+                wait, by_deadline = min(wait, left), left < wait
+            connect = min(wait, o.connect_timeout_s)
+            try:
+                # The overall bound catches a server that drips bytes slower than any read timeout.
+                async with asyncio.timeout(wait if by_deadline else wait + connect):
+                    async with self._client().stream(
+                            "POST", url, json=body, headers=self._headers(),
+                            timeout=httpx.Timeout(wait, connect=connect, write=connect, pool=None)) as response:
+                        self._connected = True
+                        status = response.status_code
+                        if status != 200:
+                            raw = await response.aread()
+                            if status in _RETRY_STATUS:
+                                return f"HTTP {status}", _retry_after(response)
+                            raise _request_error(status, raw, url, self._base)
+                        raw = await response.aread()
+            except _UNSENT as exc:
+                if isinstance(exc, httpx.ConnectError) and not self._connected:
+                    # Nothing has ever answered: retrying for half a minute would only hide that.
+                    raise BackendUnavailable(f"cannot reach {self._base}: {_describe(exc)}") from None
+                return _describe(exc), None
+            except (TimeoutError, httpx.TimeoutException):
+                if by_deadline:
+                    raise DeadlineReached(f"deadline reached while waiting for {url}", billed=True) from None
+                raise BackendTimeout(f"{url} sent no complete reply within {wait:g} s", billed=True,
+                                     retryable=True) from None
+            except httpx.HTTPError as exc:  # the server took the request and the reply broke off
+                raise BackendUnavailable(f"{url}: reply cut off ({_describe(exc)})", billed=True,
+                                         retryable=True) from None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
+        if not (isinstance(data, dict) and isinstance(data.get("choices"), list)):
+            raise BackendError(f"{url} answered 200 with a malformed body: {raw[:120]!r}", billed=True,
+                               retryable=True)
+        return data
 
 
 def render_chatml(prompt: Prompt) -> str:
     """The chat in ChatML with an open assistant turn (the prefix is appended by the caller)."""
     turns = "".join(f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in prompt.messages)
     return turns + "<|im_start|>assistant\n"
-
-
-def _choice_text(choice: dict[str, Any]) -> str:
-    message = choice.get("message")
-    if isinstance(message, dict):
-        return message.get("content") or ""
-    return choice.get("text") or ""
-
-
-def _choice_logprobs(choice: dict[str, Any]) -> tuple[float, ...] | None:
-    lp = choice.get("logprobs")
-    if not isinstance(lp, dict):
-        return None
-    content = lp.get("content")
-    if isinstance(content, list):  # chat format
-        values = [t.get("logprob") for t in content if isinstance(t, dict)]
-    else:  # legacy completions format
-        values = lp.get("token_logprobs") or []
-    clean = tuple(float(v) for v in values if isinstance(v, (int, float)))
-    return clean or None
-
-
-def _spread_tokens(samples: list[Sample], total: int) -> list[Sample]:
-    """Per-sample token counts: from logprobs where given, the rest of the reported total shared
-    out by text length."""
-    known = sum(s.output_tokens for s in samples if s.output_tokens)
-    unknown = [s for s in samples if not s.output_tokens]
-    if not unknown:
-        return samples
-    left = max(0, total - known)
-    weights = [max(1, len(s.text)) for s in unknown]
-    shares = [left * w // sum(weights) for w in weights]
-    shares[-1] += left - sum(shares)
-    it = iter(shares)
-    return [s if s.output_tokens else replace(s, output_tokens=next(it)) for s in samples]
-
-
-def _estimate_tokens(text: str) -> int:
-    return max(1, -(-len(text.encode()) // 4))
-
-
-def _int(d: dict[str, Any] | None, key: str) -> int | None:
-    if d is None:
-        return None
-    v = d.get(key)
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else None
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -420,18 +357,27 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _request_error(response: httpx.Response, url: str) -> BackendError:
+def _request_error(status: int, raw: bytes, url: str, base: str) -> BackendError:
+    detail: Any
     try:
-        detail = response.json()
+        detail = json.loads(raw)
         detail = detail.get("error", detail) if isinstance(detail, dict) else detail
         if isinstance(detail, dict):
             detail = detail.get("message", detail)
     except ValueError:
-        detail = response.text[:500]
-    status = response.status_code
+        detail = raw[:500].decode(errors="replace")
     if status == 404:
-        return ModelNotFound(f"{url}: HTTP 404 ({detail}); is the model name right?")
+        hint = _path_hint(base) or "is the model name right?"
+        return ModelNotFound(f"{url}: HTTP 404 ({json.dumps(detail)[:300]}); {hint}")
     return BackendRequestError(f"{url} rejected the request: HTTP {status}: {json.dumps(detail)[:500]}", status)
+
+
+def _path_hint(base: str) -> str | None:
+    """OpenAI-compatible servers serve under /v1; a base URL without it is the usual 404."""
+    path = urlsplit(base).path.rstrip("/")
+    if path.endswith("/v1") or "/v1/" in path:
+        return None
+    return f"the API is usually under /v1: try --base-url {base}/v1"
 
 
 def _describe(exc: httpx.HTTPError) -> str:

@@ -20,5 +20,6 @@ class OutcomeScorer(Protocol):
 
     async def score(self, lm: MeteredLM, question: str,
                     candidates: Sequence[Candidate]) -> list[float | None]:
-        """One score per candidate; None where no score could be had (budget, unparseable)."""
+        """One score per candidate; None where no score could be had (budget, unparseable).
+        Raises ScoringFailed, carrying the scores that were had, when calls fail."""
         ...

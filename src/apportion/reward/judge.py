@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from apportion.errors import BudgetExhausted, ConfigError
+from apportion.errors import BackendError, BudgetExhausted, ConfigError, ScoringFailed
 from apportion.lm.base import Backend, Prompt, SamplingParams
 from apportion.lm.metered import MeteredLM
 from apportion.result import Candidate
@@ -55,9 +55,16 @@ class LLMJudge:
                     candidates: Sequence[Candidate]) -> list[float | None]:
         judge = lm.scorer(self.backend)
         texts = list(dict.fromkeys(c.text for c in candidates))
-        scores = await asyncio.gather(*(self._judge(judge, question, t) for t in texts))
-        by_text = dict(zip(texts, scores))
-        return [by_text[c.text] for c in candidates]
+        # every call is awaited to its end (and settled) before a failure is reported
+        outcomes = await asyncio.gather(*(self._judge(judge, question, t) for t in texts), return_exceptions=True)
+        by_text = {t: o if not isinstance(o, BaseException) else None for t, o in zip(texts, outcomes)}
+        scores = [by_text[c.text] for c in candidates]
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if any(not isinstance(o, BackendError) for o in failed):
+            raise next(o for o in failed if not isinstance(o, BackendError))
+        if failed:
+            raise ScoringFailed(f"judge failed on {len(failed)} of {len(texts)} solutions: {failed[0]}", scores)
+        return scores
 
     async def _judge(self, judge: MeteredLM, question: str, solution: str) -> float | None:
         o = self.options

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -38,13 +39,16 @@ from apportion.bench.report.plots import (
 )
 from apportion.bench.report.summary import LevelFigure, Row, Summary, load_summary
 
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
 __all__ = [
     "Curve", "LevelFigure", "ReportFiles", "Row", "Summary",
     "build_curves", "frontier_rows", "load_summary", "pareto_frontier", "point_label", "render_html", "write_report",
     "plot_accuracy_vs_budget", "plot_accuracy_vs_tokens", "plot_by_level", "plot_pareto",
 ]
 
-STYLE = {
+STYLE: dict[RcKeyType, Any] = {
     "font.size": 11,
     "axes.titlesize": 10,
     "axes.labelsize": 11,

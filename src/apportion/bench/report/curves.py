@@ -49,7 +49,7 @@ def build_curves(rows: Iterable[Row]) -> list[Curve]:
         for r in members:
             by_mode.setdefault(r.mode, []).append(r)
         keyed.extend((f"{base} ({mode or 'no mode'})", rs) for mode, rs in by_mode.items())
-    palette = [to_hex(c) for c in matplotlib.colormaps["tab10"].colors]
+    palette = [to_hex(c) for c in matplotlib.color_sequences["tab10"]]
     return [
         Curve(label=label, rows=tuple(sorted(members, key=lambda r: r.budget)),
               color=palette[i % len(palette)], marker=MARKERS[i % len(MARKERS)],

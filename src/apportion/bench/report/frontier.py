@@ -30,9 +30,15 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
 def frontier_rows(rows: Sequence[Row]) -> list[Row]:
     """The rows on the accuracy-for-tokens frontier; rows without a token count cannot be placed."""
     placed = [r for r in rows if _plottable_tokens(r)]
-    return [placed[i] for i in pareto_frontier([(r.tokens or 0.0, r.accuracy) for r in placed])]
+    return [placed[i] for i in pareto_frontier([(_placed_tokens(r), r.accuracy) for r in placed])]
 
 
 def _plottable_tokens(row: Row) -> bool:
     # a log axis cannot show zero, and a row without tokens has no place on a tokens axis
     return row.tokens is not None and row.tokens > 0
+
+
+def _placed_tokens(row: Row) -> float:
+    """The mean tokens of a row placed on a tokens axis, which only rows passing ``_plottable_tokens`` are."""
+    assert row.tokens is not None and row.tokens > 0, f"{row.system} {row.algorithm}@{row.budget} has no tokens"
+    return row.tokens

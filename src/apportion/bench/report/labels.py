@@ -8,11 +8,13 @@ import math
 from collections.abc import Sequence
 
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Annotation, Text
 from matplotlib.transforms import Bbox
 
 from apportion.bench.report.curves import point_label
+from apportion.bench.report.frontier import _placed_tokens
 from apportion.bench.report.summary import Row
 
 # Where a frontier label may sit: (offset in points from its point, alignment), in order of preference.
@@ -48,7 +50,9 @@ def _label_frontier(fig: Figure, ax: Axes, frontier: Sequence[Row], points: Sequ
     fig.draw_without_rendering()
     # freeze the layout, so that the pixel positions measured here are those saved
     fig.set_layout_engine("none")
-    renderer = fig.canvas.get_renderer()
+    canvas = fig.canvas
+    assert isinstance(canvas, FigureCanvasAgg), "the plots are drawn on the Agg canvas (plots._figure)"
+    renderer = canvas.get_renderer()
     inside = ax.get_window_extent(renderer)
     taken = [Bbox.from_extents(x - 5, y - 5, x + 5, y + 5) for x, y in ax.transData.transform(points)]
     taken += _step_boxes(ax, frontier)
@@ -75,7 +79,7 @@ def _label_frontier(fig: Figure, ax: Axes, frontier: Sequence[Row], points: Sequ
 def _frontier_label(ax: Axes, row: Row, spot: tuple[tuple[int, int], str, str], leader: bool) -> Annotation:
     offset, ha, va = spot
     arrow = {"arrowstyle": "-", "color": "#777777", "linewidth": 0.7, "shrinkA": 0, "shrinkB": 4} if leader else None
-    return ax.annotate(point_label(row), (row.tokens, row.accuracy), xytext=offset, textcoords="offset points",
+    return ax.annotate(point_label(row), (_placed_tokens(row), row.accuracy), xytext=offset, textcoords="offset points",
                        ha=ha, va=va, fontsize=9, arrowprops=arrow, zorder=5,
                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
 
@@ -84,7 +88,7 @@ def _step_boxes(ax: Axes, frontier: Sequence[Row]) -> list[Bbox]:
     """Thin boxes around the segments of the frontier's step line, which labels should not hide either."""
     if len(frontier) < 2:
         return []
-    corners = ax.transData.transform([(r.tokens, r.accuracy) for r in frontier])
+    corners = ax.transData.transform([(_placed_tokens(r), r.accuracy) for r in frontier])
     boxes = []
     for (x0, y0), (x1, y1) in itertools.pairwise(corners):
         boxes.append(Bbox.from_extents(x0, y0 - 2, x1, y0 + 2))  # along, at the lower accuracy

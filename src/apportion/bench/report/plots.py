@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from apportion.bench.report.curves import Curve
-from apportion.bench.report.frontier import _plottable_tokens
+from apportion.bench.report.frontier import _placed_tokens, _plottable_tokens
 from apportion.bench.report.labels import _label_frontier, _pad_log_x
 from apportion.bench.report.summary import Row, Summary, _subtitle
 
@@ -80,15 +80,14 @@ def _plot_curves(ax: Axes, curves: Sequence[Curve], x_of: Callable[[Row], float 
     # overlapping bands add up to mud, so each grows fainter as curves multiply; a thin edge keeps it traceable
     band_alpha = max(0.06, 0.36 / (len(curves) + 1))
     for curve in curves:
-        rows = [r for r in curve.rows if x_of(r) is not None]
-        if not rows:
+        placed = [(x, r) for r in curve.rows if (x := x_of(r)) is not None]
+        if not placed:
             continue
-        xs = [x_of(r) for r in rows]
-        ax.plot(xs, [r.accuracy for r in rows], linestyle=_line_style(curve), marker=curve.marker,
-                color=curve.color, label=curve.label, linewidth=1.8, markersize=6, zorder=3)
-        banded = [r for r in rows if r.ci_low is not None and r.ci_high is not None]
-        bx = [x_of(r) for r in banded]
-        lows, highs = [r.ci_low for r in banded], [r.ci_high for r in banded]
+        ax.plot([x for x, _ in placed], [r.accuracy for _, r in placed], linestyle=_line_style(curve),
+                marker=curve.marker, color=curve.color, label=curve.label, linewidth=1.8, markersize=6, zorder=3)
+        banded = [(x, r.ci_low, r.ci_high) for x, r in placed if r.ci_low is not None and r.ci_high is not None]
+        bx = [x for x, _, _ in banded]
+        lows, highs = [low for _, low, _ in banded], [high for _, _, high in banded]
         if len(banded) >= 2:
             ax.fill_between(bx, lows, highs, color=curve.color, alpha=band_alpha, linewidth=0)
             for edge in (lows, highs):
@@ -132,9 +131,9 @@ def plot_pareto(summary: Summary, curves: Sequence[Curve], frontier: Sequence[Ro
     fig, ax = _figure()
     handles = _scatter_points(ax, curves, frontier)
     if frontier:
-        xs = [r.tokens for r in frontier]
+        xs = [_placed_tokens(r) for r in frontier]
         ys = [r.accuracy for r in frontier]
-        right = max(r.tokens for c in curves for r in c.rows if _plottable_tokens(r))
+        right = max(_placed_tokens(r) for c in curves for r in c.rows if _plottable_tokens(r))
         handles.extend(ax.step([*xs, right], [*ys, ys[-1]], where="post", color="black", linewidth=1.4, zorder=2,
                                label="Pareto frontier"))
     _log_tokens_axis(ax)
@@ -142,7 +141,7 @@ def plot_pareto(summary: Summary, curves: Sequence[Curve], frontier: Sequence[Ro
     ax.margins(y=0.1)  # headroom for the labels of the top frontier points
     ax.set_ylabel("accuracy")
     _decorate(fig, ax, summary, "Accuracy for tokens: Pareto frontier", handles)
-    points = [(r.tokens, r.accuracy) for c in curves for r in c.rows if _plottable_tokens(r)]
+    points = [(_placed_tokens(r), r.accuracy) for c in curves for r in c.rows if _plottable_tokens(r)]
     _label_frontier(fig, ax, frontier, points)
     fig.savefig(path, dpi=DPI, format="png", facecolor="white")
     return path
@@ -158,7 +157,7 @@ def _scatter_points(ax: Axes, curves: Sequence[Curve], frontier: Sequence[Row]) 
         # dominated points faded and underneath, so the eye goes to the frontier, also where points tie
         for top, alpha, zorder in ((False, 0.35, 3), (True, 1.0, 4)):
             chosen = [r for r in rows if (id(r) in on_frontier) == top]
-            ax.scatter([r.tokens for r in chosen], [r.accuracy for r in chosen], marker=curve.marker,
+            ax.scatter([_placed_tokens(r) for r in chosen], [r.accuracy for r in chosen], marker=curve.marker,
                        color=curve.color, alpha=alpha, s=42, zorder=zorder, edgecolors="none")
         # the scatter's own legend entry would take the alpha of its first point, often a faded one
         handles.append(Line2D([], [], linestyle="none", marker=curve.marker, color=curve.color, label=curve.label))
@@ -166,8 +165,11 @@ def _scatter_points(ax: Axes, curves: Sequence[Curve], frontier: Sequence[Row]) 
 
 
 def plot_by_level(summary: Summary, curves: Sequence[Curve], path: Path) -> Path | None:
-    picks = [(c, max((r for r in c.rows if r.by_level), key=lambda r: r.budget, default=None)) for c in curves]
-    picks = [(c, r) for c, r in picks if r is not None]
+    picks: list[tuple[Curve, Row]] = []
+    for c in curves:
+        largest = max((r for r in c.rows if r.by_level), key=lambda r: r.budget, default=None)
+        if largest is not None:
+            picks.append((c, largest))
     if not picks:
         return None
     levels = sorted({lv for _, r in picks for lv in r.by_level}, key=_level_key)

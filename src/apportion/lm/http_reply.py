@@ -1,0 +1,127 @@
+"""Reading an OpenAI-compatible reply without trusting it: choices, log-probabilities, usage.
+
+What a server reports is charged; what it leaves out is bounded from above, never guessed low.
+A sample's tokens are counted exactly from its log-probabilities (one per token) where the
+server sent them. Otherwise, without usage, a sample is charged ``max_tokens`` where it says it
+hit the limit, and else the fewest of ``max_tokens`` and its UTF-8 bytes plus the longest stop
+string plus one (a byte-level token decodes to at least one byte; the stop string and the
+end-of-sequence token were generated but are not in the text). A server that ignores
+``max_tokens`` and also sends neither usage nor log-probabilities cannot be caught.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from apportion.budget.units import Usage
+from apportion.lm.base import Sample, SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    samples: tuple[Sample, ...]
+    """Every choice the server sent, in index order (more or fewer than asked, possibly)."""
+    usage: Usage
+    """What the server generated for all of them, reported or bounded (``estimated``)."""
+    notes: tuple[str, ...] = ()
+
+
+def read_reply(data: dict[str, Any], params: SamplingParams, prompt_bound: int) -> Reply:
+    """``data`` is a parsed 200 body with a ``choices`` list; ``prompt_bound`` the prompt tokens
+    reserved for the request (charged when the server reports none)."""
+    notes: list[str] = []
+    choices = [c for c in data["choices"] if isinstance(c, dict)]
+    if len(choices) < len(data["choices"]):
+        notes.append(f"{len(data['choices']) - len(choices)} choice(s) were not JSON objects: ignored")
+    choices.sort(key=_index)
+    samples = [_sample(c) for c in choices]
+    usage_raw = data.get("usage") if isinstance(data.get("usage"), dict) else None
+    prompt_tokens = _int(usage_raw, "prompt_tokens")
+    completion_tokens = _int(usage_raw, "completion_tokens")
+    estimated = prompt_tokens is None or completion_tokens is None
+    counted = sum(s.output_tokens for s in samples)
+    if completion_tokens is None:
+        completion_tokens = sum(s.output_tokens or _upper_bound(c, s, params) for c, s in zip(choices, samples))
+    elif counted > completion_tokens:
+        notes.append(f"server reported {completion_tokens} completion tokens but sent log-probabilities "
+                     f"for {counted}: charged {counted}")
+        completion_tokens = counted
+    if estimated:
+        notes.append("server reported no usage: token counts bounded from above (estimated)")
+    usage = Usage(len(samples), prompt_bound if prompt_tokens is None else prompt_tokens, completion_tokens,
+                  estimated)
+    return Reply(tuple(_spread_tokens(samples, completion_tokens)), usage, tuple(notes))
+
+
+def _index(choice: dict[str, Any]) -> int:
+    index = choice.get("index")
+    return index if isinstance(index, int) and not isinstance(index, bool) else 0
+
+
+def _sample(choice: dict[str, Any]) -> Sample:
+    logprobs = _choice_logprobs(choice)
+    finish = "length" if choice.get("finish_reason") == "length" else "stop"
+    return Sample(_choice_text(choice), finish, len(logprobs) if logprobs else 0, logprobs)
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    message = choice.get("message")
+    content = message.get("content") if isinstance(message, dict) else choice.get("text")
+    return content if isinstance(content, str) else ""
+
+
+def _hidden_text(choice: dict[str, Any]) -> str:
+    """Reasoning a server returns beside the answer (vLLM's ``reasoning_content``): generated,
+    billed, not part of the sample's text."""
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        return ""
+    parts = [message.get(k) for k in ("reasoning_content", "reasoning")]
+    return "".join(p for p in parts if isinstance(p, str))
+
+
+def _choice_logprobs(choice: dict[str, Any]) -> tuple[float, ...] | None:
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict):
+        return None
+    content = lp.get("content")
+    if isinstance(content, list):  # chat format
+        values = [t.get("logprob") for t in content if isinstance(t, dict)]
+    else:  # legacy completions format
+        raw = lp.get("token_logprobs")
+        values = raw if isinstance(raw, list) else []
+    clean = tuple(float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return clean or None
+
+
+def _upper_bound(choice: dict[str, Any], sample: Sample, params: SamplingParams) -> int:
+    if sample.finish_reason == "length":
+        return params.max_tokens
+    stop = max((len(s.encode()) for s in params.stop), default=0)
+    text_bytes = len(sample.text.encode()) + len(_hidden_text(choice).encode())
+    return min(params.max_tokens, text_bytes + stop + 1)
+
+
+def _spread_tokens(samples: list[Sample], total: int) -> list[Sample]:
+    """Per-sample token counts: from logprobs where given, the rest of the total shared out by
+    text length."""
+    unknown = [s for s in samples if not s.output_tokens]
+    if not unknown:
+        return samples
+    left = max(0, total - sum(s.output_tokens for s in samples))
+    weights = [max(1, len(s.text)) for s in unknown]
+    shares = [left * w // sum(weights) for w in weights]
+    shares[-1] += left - sum(shares)
+    it = iter(shares)
+    return [s if s.output_tokens else replace(s, output_tokens=next(it)) for s in samples]
+
+
+def _int(d: dict[str, Any] | None, key: str) -> int | None:
+    if d is None:
+        return None
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        return None
+    return math.ceil(v)
