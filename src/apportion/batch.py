@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,8 @@ from typing import Any
 
 from apportion.algorithms.base import Algorithm
 from apportion.budget.units import Budget
-from apportion.errors import ApportionError, ConfigError
+from apportion.errors import ApportionError, ConfigError, RunFailed
+from apportion.files import Line, jsonl_lines
 from apportion.lm.base import Backend
 from apportion.result import Result
 
@@ -35,42 +35,49 @@ class Outcome:
     result: Result | None
     error: str | None
 
+    @property
+    def status(self) -> str:
+        """answered (an answer, possibly partial), unanswered (ran, no answer extracted), nothing
+        drawn (the budget allowed no sample), failed (an error; its spend is in ``result``), or
+        invalid (a line that could not be read)."""
+        if self.item.error is not None:
+            return "invalid"
+        if self.result is None or (self.error is not None and not self.result.candidates):
+            return "failed"
+        if self.result.answer is not None:
+            return "answered"
+        return "unanswered" if self.result.candidates else "nothing drawn"
+
     def to_dict(self, *, trace: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {"line": self.item.line, "id": self.item.id}
+        """A row that stands alone: the line, id and question it answers, the result, the error."""
+        out: dict[str, Any] = {"line": self.item.line, "id": self.item.id, "question": self.item.prompt,
+                               "status": self.status}
         if self.result is not None:
             out.update(self.result.to_dict(trace=trace))
-        else:
+        if self.error is not None:
             out["error"] = self.error
         return out
 
 
 def read_items(path: str | Path, field: str | None = None, id_field: str = "id") -> list[Item]:
-    """Items of a JSONL file. A line that is not JSON, or lacks the prompt field, becomes an Item
-    with an error (reported in the output), never a silent skip. Blank lines are ignored."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    items = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        items.append(_item(number, raw, field, id_field))
+    """Items of a JSONL file. A line that is not UTF-8, not JSON, or lacks the prompt field becomes
+    an Item with an error (reported in the output), never a silent skip. Blank lines are ignored."""
+    items = [_item(line, field, id_field) for line in jsonl_lines(path)]
     if not items:
         raise ConfigError(f"{path} holds no prompts")
     return items
 
 
-def _item(number: int, raw: str, field: str | None, id_field: str) -> Item:
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        return Item(number, number, None, f"line {number}: not valid JSON ({exc.msg})")
+def _item(line: Line, field: str | None, id_field: str) -> Item:
+    number, record = line.number, line.value
+    if line.error is not None:
+        return Item(number, number, None, line.error)
     if isinstance(record, str):
         return Item(number, number, record) if record.strip() else Item(
             number, number, None, f"line {number}: empty prompt")
     if not isinstance(record, dict):
-        return Item(number, number, None, f"line {number}: expected a JSON object or string")
+        return Item(number, number, None, f"line {number}: expected a JSON object or string, got "
+                                          f"{type(record).__name__}")
     ident = record.get(id_field, number)
     names = (field,) if field else PROMPT_FIELDS
     key = next((k for k in names if k in record), None)
@@ -104,11 +111,13 @@ async def answer_many(
             try:
                 result = await algorithm_for().run(
                     backend, item.prompt, budget, seed=None if seed is None else seed + item.line)
+            except RunFailed as exc:  # nothing drawn, but the attempts' spend is in the result
+                return Outcome(item, exc.result, f"line {item.line}: {exc}")
             except ApportionError as exc:
                 return Outcome(item, None, f"line {item.line}: {exc}")
             except Exception as exc:
                 return Outcome(item, None, f"line {item.line}: {type(exc).__name__}: {exc}")
-        return Outcome(item, result, None)
+        return Outcome(item, result, None if result.error is None else f"line {item.line}: {result.error}")
 
     tasks = [asyncio.ensure_future(one(item)) for item in items]
     try:

@@ -13,7 +13,7 @@ from apportion.bench.datasets import Problem
 from apportion.bench.grid import GridOptions
 from apportion.bench.harness import BenchSpec, run_bench
 from apportion.bench.stats import mean_interval, wilson
-from apportion.errors import BackendError, ConfigError
+from apportion.errors import BackendError, BackendUnavailable, ConfigError
 from apportion.lm.scripted import Reply, ScriptedBackend
 
 
@@ -181,10 +181,24 @@ async def test_setup_errors_come_before_any_sampling(tmp_path):
     assert backend.calls == []
 
 
-async def test_a_server_that_returns_fewer_samples_is_caught_at_once(tmp_path):
-    class Short(ScriptedBackend):
-        async def generate(self, prompt, params, *, deadline=None):
-            return await super().generate(prompt, replace(params, n=params.n - 1), deadline=deadline)
+class Short(ScriptedBackend):
+    """Returns one sample fewer than asked; fails a request for a single sample."""
 
-    with pytest.raises(BackendError, match="asked for 4 samples, got 3"):
-        await run_bench(BenchSpec(problems(2), options(), "toy", tmp_path), Short(sampler))
+    async def generate(self, prompt, params, *, deadline=None):
+        if params.n == 1:
+            raise BackendUnavailable("the server gave up")
+        return await super().generate(prompt, replace(params, n=params.n - 1), deadline=deadline)
+
+
+async def test_short_replies_are_made_up_and_a_bank_that_stays_short_is_caught_at_once(tmp_path):
+    class Shortish(Short):
+        async def generate(self, prompt, params, *, deadline=None):
+            if params.n == 1:
+                return await ScriptedBackend.generate(self, prompt, params, deadline=deadline)
+            return await super().generate(prompt, params, deadline=deadline)
+
+    lm = Shortish(sampler)
+    await run_bench(BenchSpec(problems(2), options(), "toy", tmp_path / "made-up"), lm)
+    assert [c.params.n for c in lm.calls] == [3, 1, 3, 1]  # each short reply (3 of 4) made up by one request
+    with pytest.raises(BackendError, match="asked for 4 samples, got 3: the server gave up"):
+        await run_bench(BenchSpec(problems(2), options(), "toy", tmp_path / "short"), Short(sampler))

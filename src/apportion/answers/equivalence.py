@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
 from apportion.answers.normalize import normalize_answer, numeric_value
@@ -116,7 +116,7 @@ class Equivalence:
             for lg in loggers:
                 lg.removeFilter(_FILTER)
 
-    def _parse(self, text: str, parse: object, kw: dict[str, object]) -> object:
+    def _parse(self, text: str, parse: object, kw: Mapping[str, object]) -> object:
         with self._lock:
             if text in self._parsed:
                 return self._parsed[text]

@@ -6,7 +6,6 @@ project's own equivalence), and a difficulty level where the dataset has one.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from typing import Any
 
 from apportion.answers.normalize import format_number, numeric_value
 from apportion.errors import ConfigError
+from apportion.files import jsonl_lines
 
 DATA_ENV = "APPORTION_DATA_DIR"
 
@@ -105,27 +105,26 @@ def _read(path: Path, spec: _Spec, question_field: str | None, answer_field: str
     answer_of = (lambda r: _number_text(r[answer_field])) if answer_field else spec.answer
     lf = level_field or spec.level
     problems: list[Problem] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-                question = raw[qf]
-                answer = answer_of(raw)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            except KeyError as exc:
-                raise ConfigError(f"{path}:{number}: no field {exc.args[0]!r} "
-                                  f"(fields: {', '.join(sorted(raw))})") from None
-            if not isinstance(question, str) or not question.strip():
-                raise ConfigError(f"{path}:{number}: field {qf!r} is not a non-empty string")
-            ident = raw.get(spec.id) if spec.id else None
-            level = raw.get(lf) if lf else None
-            problems.append(Problem(str(ident if ident is not None else number), question, answer,
-                                    None if level is None else _level(level)))
-            if limit is not None and len(problems) >= limit:
-                break
+    for line in jsonl_lines(path):
+        number, raw = line.number, line.value
+        if line.error is not None:
+            raise ConfigError(f"{path}: {line.error}")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(raw).__name__}")
+        try:
+            question = raw[qf]
+            answer = answer_of(raw)
+        except KeyError as exc:
+            raise ConfigError(f"{path}:{number}: no field {exc.args[0]!r} "
+                              f"(fields: {', '.join(sorted(raw))})") from None
+        if not isinstance(question, str) or not question.strip():
+            raise ConfigError(f"{path}:{number}: field {qf!r} is not a non-empty string")
+        ident = raw.get(spec.id) if spec.id else None
+        level = raw.get(lf) if lf else None
+        problems.append(Problem(str(ident if ident is not None else number), question, answer,
+                                None if level is None else _level(level)))
+        if limit is not None and len(problems) >= limit:
+            break
     return problems
 
 

@@ -23,9 +23,11 @@ from apportion.bench.bank import BankEntry, BankSample, SampleBank
 from apportion.bench.datasets import Problem
 from apportion.bench.replay import REPLAYABLE, ReplayPoint, replay
 from apportion.bench.stats import mean_interval
+from apportion.budget.ledger import Ledger
 from apportion.budget.units import Budget, Price
-from apportion.errors import ApportionError, BackendError, ConfigError
+from apportion.errors import ApportionError, BackendError, ConfigError, RunFailed
 from apportion.lm.base import Backend, Prompt, SamplingParams
+from apportion.lm.metered import MeteredLM
 from apportion.reward import SCORERS
 
 Progress = Callable[[str, int, int], None]
@@ -185,14 +187,18 @@ async def draw_bank(backend: Backend, problems: Sequence[Problem], k: int, sampl
         params = SamplingParams(n=k, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                 top_p=sampling.top_p, stop=sampling.stop, seed=seeds[index],
                                 logprobs=sampling.logprobs and caps.logprobs)
+        # through a ledger like every run, so a server's short replies are made up request by request
+        metered = MeteredLM(backend, Ledger(Budget(generations=k)))
         async with limit:
             started = time.monotonic()
-            completion = await backend.generate(prompt, params)
+            completion = await metered.generate(prompt, params)
             seconds = time.monotonic() - started
         if len(completion.samples) != k:  # found at once, not as a short bank after the whole draw
-            raise BackendError(f"question {problem.id}: asked for {k} samples, got {len(completion.samples)}")
+            why = f": {completion.error}" if completion.error is not None else ""
+            raise BackendError(f"question {problem.id}: asked for {k} samples, got {len(completion.samples)}{why}")
+        # the prompt's own tokens (replay charges them once, as one request of n samples would)
         entry = BankEntry(problem, tuple(BankSample.from_sample(s) for s in completion.samples),
-                          completion.usage.input_tokens, prompt.to_dict(), seconds,
+                          await backend.prompt_tokens(prompt), prompt.to_dict(), seconds,
                           completion.usage.estimated)
         if on_entry is not None:
             on_entry(entry)
@@ -265,13 +271,17 @@ async def live_cell(backend: Backend, problems: Sequence[Problem], algorithm: st
             try:
                 result = await algo.run(backend, bank_prompt(problem, options.sampling),
                                         Budget(generations=budget), seed=options.seed + index)
+            except RunFailed as exc:  # nothing drawn; what the attempts spent still counts
+                s = exc.result.spent
+                outcome = QuestionOutcome(problem, 0.0, s.input_tokens, s.output_tokens, float(s.usd), None,
+                                          str(exc), {"result": exc.result.to_dict(trace=False)})
             except ApportionError as exc:
                 outcome = QuestionOutcome(problem, 0.0, 0, 0, 0.0, None, str(exc))
             else:
                 right = result.answer is not None and eq.same(result.answer, problem.answer)
                 s = result.spent
                 outcome = QuestionOutcome(problem, float(right), s.input_tokens, s.output_tokens, float(s.usd),
-                                          result.answer, None, {"result": result.to_dict(trace=False)})
+                                          result.answer, result.error, {"result": result.to_dict(trace=False)})
         done += 1
         if progress is not None:
             progress(f"{name} @{budget}", done, len(problems))
@@ -282,6 +292,6 @@ async def live_cell(backend: Backend, problems: Sequence[Problem], algorithm: st
     wall = time.monotonic() - started
     scorer = None if name == "self-consistency" else options.scorer
     failed = sum(1 for o in outcomes if o.error)
-    notes = [f"{failed} question(s) failed (counted wrong; what they spent before failing is not counted)"] \
-        if failed else []
+    notes = [f"{failed} question(s) hit a failure (counted wrong where no answer was drawn; their spend is "
+             "counted)"] if failed else []
     return make_row("apportion", name, scorer, budget, "live", outcomes, wall, False, notes=notes), outcomes

@@ -101,7 +101,26 @@ class _Sinks:
             self.samples.close()
 
 
+RUN_FILES = ("bank.jsonl", "results.jsonl", "samples.jsonl", "summary.json")
+
+
+def check_run_dir(out: Path, *, resume: bool) -> None:
+    """A run directory is never truncated: one that holds a run is continued (``resume``) or
+    refused, never started over."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; it must name a run directory (new, or one to --resume)")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if resume:
+        if not (out / "bank.jsonl").is_file():
+            raise ConfigError(f"--resume: {out} holds no sample bank to continue")
+        return
+    if held:
+        raise ConfigError(f"{out} already holds a run ({', '.join(held)}); pass --resume to continue its "
+                          "sample bank, or choose another --out (a run directory is never overwritten)")
+
+
 async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progress | None = None) -> BenchOutcome:
+    check_run_dir(spec.out, resume=spec.resume)
     options = spec.options
     replayed = [a for a in options.algorithms if options.replayed(a)]
     live = [a for a in options.algorithms if not options.replayed(a)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -13,10 +14,15 @@ from apportion import __version__
 from apportion.algorithms.base import DEFAULT_SYSTEM_PROMPT, SamplingOptions
 from apportion.budget.prices import PriceTable
 from apportion.budget.units import Price
-from apportion.errors import ConfigError, ModelNotFound
+from apportion.errors import ApportionError, BackendUnavailable, ConfigError, ModelNotFound
 from apportion.lm.base import Backend
 from apportion.lm.llama_embedded import EmbeddedOptions, LlamaEmbeddedBackend
-from apportion.lm.openai_http import HTTPOptions, OpenAIHTTPBackend
+from apportion.lm.openai_http import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+    HTTPOptions,
+    OpenAIHTTPBackend,
+)
 from apportion.reward import SCORERS
 from apportion.reward.base import OutcomeScorer
 
@@ -49,7 +55,7 @@ def _main(
 
 
 def make_backend(base_url: str | None, model: str | None, api_key: str | None, model_path: Path | None,
-             price: str | None, price_file: Path | None) -> Backend:
+                 price: str | None, price_file: Path | None, timeout: str | None = None) -> Backend:
     table = PriceTable.from_json(price_file) if price_file else PriceTable()
     if base_url is None:
         if model_path is not None and not model_path.is_file():
@@ -64,7 +70,38 @@ def make_backend(base_url: str | None, model: str | None, api_key: str | None, m
         raise ConfigError("--base-url needs --model, the model name the server serves")
     chosen = Price.parse(price) if price else (table.lookup(model) or Price())
     key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-    return OpenAIHTTPBackend(HTTPOptions(base_url=base_url, model=model, api_key=key, price=chosen))
+    connect, reply = parse_timeout(timeout)
+    return OpenAIHTTPBackend(HTTPOptions(base_url=base_url, model=model, api_key=key, price=chosen,
+                                         timeout_s=reply, connect_timeout_s=connect))
+
+
+def parse_timeout(text: str | None) -> tuple[float, float]:
+    """``--timeout``: "READ" or "CONNECT,READ" seconds (the defaults where not given)."""
+    if text is None:
+        return DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(0 < v < float("inf") for v in values):
+        raise ConfigError(f"--timeout must be READ or CONNECT,READ seconds > 0, got {text!r}")
+    return (min(DEFAULT_CONNECT_TIMEOUT_S, values[0]), values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def preflight(backend: Backend) -> None:
+    """Fail before any work where the server is unreachable, is not an OpenAI API at that address,
+    or does not serve the model (errors raised as they come: the caller picks the exit code)."""
+    if not isinstance(backend, OpenAIHTTPBackend):
+        return
+
+    async def check() -> None:
+        try:
+            await backend.check()
+        finally:
+            await backend.aclose()
+
+    asyncio.run(check())
 
 
 def make_scorer(name: str) -> OutcomeScorer:
@@ -74,6 +111,17 @@ def make_scorer(name: str) -> OutcomeScorer:
     return factory()
 
 
+
+
+def checked_preflight(backend: Backend, console: Console) -> None:
+    """``preflight``, exiting 1 where the server is unreachable (it may be down) and 2 where the
+    command line names something that is not there (a path without /v1, a model not served)."""
+    try:
+        preflight(backend)
+    except BackendUnavailable as exc:
+        fail(console, exc, EXIT_FAILURE)
+    except ApportionError as exc:
+        fail(console, exc, EXIT_USAGE)
 
 
 def fail(console: Console, exc: Exception, code: int) -> NoReturn:
@@ -97,6 +145,9 @@ ScorerOpt = Annotated[str, typer.Option(
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="Most tokens per sample.")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")]
+TimeoutOpt = Annotated[str | None, typer.Option(
+    "--timeout", help=f"Seconds to wait for a server: READ (the whole reply) or CONNECT,READ "
+                      f"(default {DEFAULT_CONNECT_TIMEOUT_S:g},{DEFAULT_TIMEOUT_S:g}). A seconds budget shortens it.")]
 SystemPromptOpt = Annotated[str | None, typer.Option(
     "--system-prompt", help="System prompt ('' for none). Default asks for a final 'The answer is X' line.")]
 

@@ -16,7 +16,7 @@ from apportion.algorithms.base import SamplingOptions
 from apportion.bench.bank import open_bank
 from apportion.bench.datasets import DATASETS, load_dataset
 from apportion.bench.grid import GridOptions, Row, canonical
-from apportion.bench.harness import BenchOutcome, BenchSpec, run_bench
+from apportion.bench.harness import BenchOutcome, BenchSpec, check_run_dir, run_bench
 from apportion.bench.peers import peer as peer_module
 from apportion.budget.units import Price
 from apportion.cli._app import (
@@ -32,15 +32,16 @@ from apportion.cli._app import (
     ScorerOpt,
     SystemPromptOpt,
     TemperatureOpt,
+    TimeoutOpt,
     TopPOpt,
     app,
+    checked_preflight,
     fail,
     make_backend,
     sampling_options,
 )
 from apportion.errors import ApportionError, ConfigError
 from apportion.lm.base import Backend
-from apportion.lm.openai_http import OpenAIHTTPBackend
 
 bench_app = typer.Typer(
     help="Accuracy-versus-spend over a dataset (no subcommand), or the engine's own benchmarks.",
@@ -89,6 +90,7 @@ def bench(
     temperature: TemperatureOpt = 0.8,
     top_p: TopPOpt = 0.95,
     system_prompt: SystemPromptOpt = None,
+    timeout: TimeoutOpt = None,
 ) -> None:
     """Run algorithms x budgets over a dataset; write a run directory and print the table."""
     console = Console(stderr=True)
@@ -108,7 +110,7 @@ def bench(
         if concurrency is not None and concurrency < 1:
             raise ConfigError(f"--concurrency must be >= 1, got {concurrency}")
         if bank is not None:
-            unused = [name for name in ("base_url", "model", "model_path", "price_file", "resume", "live",
+            unused = [name for name in ("base_url", "model", "model_path", "price_file", "resume", "live", "timeout",
                                         "question_field", "answer_field", "level_field", "data_dir",
                                         "max_tokens", "temperature", "top_p", "system_prompt")
                       if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
@@ -141,7 +143,7 @@ def bench(
             problems = load_dataset(dataset, data=data_dir, limit=limit, question_field=question_field,
                                     answer_field=answer_field, level_field=level_field)
             name = Path(dataset).stem if dataset.endswith(".jsonl") else dataset
-            backend = make_backend(base_url, model, api_key, model_path, price, price_file)
+            backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
         peers = tuple(p.strip() for item in (peer or []) for p in item.split(",") if p.strip())
         for p in peers:
             peer_module(p)
@@ -149,12 +151,16 @@ def bench(
             canonical(a)
         if peer_orders < 1:
             raise ConfigError(f"--peer-orders must be >= 1, got {peer_orders}")
-        spec = BenchSpec(problems, options, name, out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}",
+        run_dir = out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+        check_run_dir(run_dir, resume=resume)
+        spec = BenchSpec(problems, options, name, run_dir,
                          given_bank, resume, peers, peer_endpoint, peer_orders,
                          tuple(_split(peer_algorithms, "peer-algorithms")) if peer_algorithms else None,
                          Price.parse(price) if price and given_bank is not None else None)
     except ApportionError as exc:
         fail(console, exc, EXIT_USAGE)
+    if backend is not None:
+        checked_preflight(backend, console)
     try:
         outcome = asyncio.run(_run(spec, backend, console))
     except ApportionError as exc:
@@ -175,8 +181,6 @@ def bench(
 
 async def _run(spec: BenchSpec, backend: Backend | None, console: Console) -> BenchOutcome:
     try:
-        if isinstance(backend, OpenAIHTTPBackend):
-            await backend.check()
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as bar:
             tasks: dict[str, TaskID] = {}
@@ -212,7 +216,8 @@ def _bank_sampling(meta: dict[str, Any], default: SamplingOptions) -> SamplingOp
     recorded = meta.get("sampling")
     if not isinstance(recorded, dict):
         return default
-    fields = {k: tuple(v) if k == "stop" else v for k, v in recorded.items() if k in SamplingOptions.__slots__}
+    fields: dict[str, Any] = {k: tuple(v) if k == "stop" else v for k, v in recorded.items()
+                              if k in SamplingOptions.__slots__}
     return SamplingOptions(**fields)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from apportion.algorithms.base import check_budget_can_bind
 from apportion.algorithms.registry import ALGORITHMS, make_algorithm
-from apportion.batch import answer_many, read_items
+from apportion.batch import Item, answer_many, read_items
 from apportion.budget.units import Budget
 from apportion.cli._app import (
     EXIT_FAILURE,
@@ -30,15 +31,18 @@ from apportion.cli._app import (
     ScorerOpt,
     SystemPromptOpt,
     TemperatureOpt,
+    TimeoutOpt,
     TopPOpt,
     app,
+    checked_preflight,
+    fail,
     make_backend,
     make_scorer,
     sampling_options,
 )
-from apportion.errors import ApportionError, ConfigError
+from apportion.errors import ApportionError, ConfigError, RunFailed
+from apportion.files import ReplacingWriter, check_output
 from apportion.lm.base import Backend
-from apportion.lm.openai_http import OpenAIHTTPBackend
 from apportion.result import Result
 
 
@@ -70,6 +74,7 @@ def run(
     field: Annotated[str | None, typer.Option(
         help="Prompt field in --file records (default: question, prompt, problem or input).")] = None,
     concurrency: Annotated[int, typer.Option(help="Prompts answered at once with --file.")] = 4,
+    timeout: TimeoutOpt = None,
 ) -> None:
     """Answer a prompt (or a file of prompts) within a budget."""
     console = Console(stderr=True)
@@ -78,60 +83,73 @@ def run(
         sampling = sampling_options(max_tokens, temperature, top_p, system_prompt)
         if (prompt is None) == (file is None):
             raise ConfigError("give either a PROMPT or --file (not both)")
-        if file is not None and out is None:
-            raise ConfigError("--file needs --out, the JSONL file to write answers to")
+        if concurrency < 1:
+            raise ConfigError(f"--concurrency must be >= 1, got {concurrency}")
+        items = None
+        if file is not None:
+            if out is None:
+                raise ConfigError("--file needs --out, the JSONL file to write answers to")
+            check_output(out, inputs=(file,))
+            items = read_items(file, field)
         if prompt == "-":
             prompt = sys.stdin.read()
         if prompt is not None and not prompt.strip():
             raise ConfigError("the prompt is empty")
         chosen_scorer = make_scorer(scorer)
         make_algorithm(algorithm, sampling, chosen_scorer)  # validates the name before any work
-        backend = make_backend(base_url, model, api_key, model_path, price, price_file)
+        backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
         check_budget_can_bind(parsed_budget, backend)
     except ApportionError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(EXIT_USAGE) from None
+        fail(console, exc, EXIT_USAGE)
+    checked_preflight(backend, console)
 
     def algorithm_for() -> Any:
         return make_algorithm(algorithm, sampling, chosen_scorer)
 
+    if items is not None:
+        assert out is not None
+        try:
+            code = asyncio.run(_run_file(algorithm_for, backend, items, out, parsed_budget, concurrency, seed,
+                                         json_out, trace, console))
+        except ApportionError as exc:
+            fail(console, exc, EXIT_FAILURE)
+        if code:
+            raise typer.Exit(code)
+        return
     try:
-        if file is not None:
-            assert out is not None
-            failed = asyncio.run(_run_file(algorithm_for, backend, file, out, field, parsed_budget,
-                                           concurrency, seed, json_out, trace, console))
-            if failed:
-                raise typer.Exit(EXIT_FAILURE)
-            return
         result = asyncio.run(_run_one(algorithm_for(), backend, prompt or "", parsed_budget, seed))
+    except RunFailed as exc:  # nothing could be drawn: say why, and what the attempts spent
+        if json_out:
+            typer.echo(json.dumps(exc.result.to_dict(trace=trace), ensure_ascii=False))
+        fail(console, ApportionError(f"{exc} (spent {_spent_line(exc.result)})"), EXIT_FAILURE)
     except ApportionError as exc:  # unreachable server, model missing upstream, backend failure
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(EXIT_FAILURE) from None
+        fail(console, exc, EXIT_FAILURE)
     if json_out:
         typer.echo(json.dumps(result.to_dict(trace=trace), ensure_ascii=False))
     else:
         _render(result, Console())
+    if result.partial:
+        console.print(f"[yellow]partial:[/yellow] a failure ended the run early; the answer is the best of "
+                      f"{len(result.candidates)} candidate(s) drawn before it: {result.error}")
 
 
 async def _run_one(algorithm: Any, backend: Backend, prompt: str, budget: Budget,
                    seed: int | None) -> Result:
     try:
-        if isinstance(backend, OpenAIHTTPBackend):
-            await backend.check()
-        return await algorithm.run(backend, prompt, budget, seed=seed)
+        result: Result = await algorithm.run(backend, prompt, budget, seed=seed)
+        return result
     finally:
         await backend.aclose()
 
 
-async def _run_file(algorithm_for: Any, backend: Backend, file: Path, out: Path, field: str | None,
-                    budget: Budget, concurrency: int, seed: int | None, json_out: bool, trace: bool,
-                    console: Console) -> int:
-    items = read_items(file, field)
-    failed = 0
+async def _run_file(algorithm_for: Any, backend: Backend, items: list[Item], out: Path, budget: Budget,
+                    concurrency: int, seed: int | None, json_out: bool, trace: bool, console: Console) -> int:
+    """Answers every item into ``out`` (through a ``.partial`` file, renamed when done); the exit
+    code: 0 when every line was answered or ran out of budget, 1 when any failed or was invalid."""
+    counts: Counter[str] = Counter()
+    writer = ReplacingWriter(out)
     try:
-        if isinstance(backend, OpenAIHTTPBackend):
-            await backend.check()
-        with out.open("w", encoding="utf-8") as sink, Progress(
+        with writer, Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), console=console, transient=False,
         ) as progress:
@@ -139,19 +157,42 @@ async def _run_file(algorithm_for: Any, backend: Backend, file: Path, out: Path,
             async for outcome in answer_many(algorithm_for, backend, items, budget,
                                              concurrency=concurrency, seed=seed):
                 row = outcome.to_dict(trace=trace)
-                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-                sink.flush()
+                writer.write_line(row)
+                counts[outcome.status] += 1
+                counts["partial"] += bool(outcome.result is not None and outcome.result.partial)
                 if outcome.error is not None:
-                    failed += 1
-                    progress.console.print(f"[red]error:[/red] {outcome.error}")
+                    label = "warning" if outcome.status in ("answered", "unanswered") else "error"
+                    progress.console.print(f"[red]{label}:[/red] {outcome.error}")
                 if json_out:
                     typer.echo(json.dumps(row, ensure_ascii=False))
                 progress.advance(task)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        console.print(f"interrupted: the rows answered so far are in {writer.partial}"
+                      + (f"; {out} is unchanged" if writer.replaced is not None else ""))
+        raise
     finally:
         await backend.aclose()
-    console.print(f"{len(items) - failed} of {len(items)} answered; wrote {out}"
-                  + (f"; {failed} failed" if failed else ""))
-    return failed
+    console.print(_file_summary(counts, len(items), out, writer.replaced))
+    return EXIT_FAILURE if counts["failed"] or counts["invalid"] or not (counts["answered"] or
+                                                                          counts["unanswered"]) else 0
+
+
+def _file_summary(counts: Counter[str], total: int, out: Path, replaced: int | None) -> str:
+    parts = [f"{counts['answered']} of {total} answered"]
+    if counts["partial"]:
+        parts.append(f"{counts['partial']} of them partial (a failure cut the run short; best of what was drawn)")
+    for status, words in (("unanswered", "gave no answer"), ("nothing drawn", "drew no sample (budget too small)"),
+                          ("failed", "failed (their spend is in the rows)"), ("invalid", "were unreadable lines")):
+        if counts[status]:
+            parts.append(f"{counts[status]} {words}")
+    parts.append(f"wrote {out}" + (f" (replacing its {replaced} earlier line(s))" if replaced is not None else ""))
+    return "; ".join(parts)
+
+
+def _spent_line(result: Result) -> str:
+    s = result.spent
+    return (f"{s.generations} generations, {s.input_tokens} input + {s.output_tokens} output tokens, "
+            f"${float(s.usd):.6f}" + (" (estimated)" if s.estimated else ""))
 
 
 def _render(result: Result, console: Console) -> None:

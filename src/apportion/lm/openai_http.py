@@ -278,7 +278,12 @@ class OpenAIHTTPBackend:
         o = self.options
         url = f"{self._base}{path}"
         for attempt in range(o.max_retries + 1):
-            outcome = await self._attempt(url, body, deadline)
+            try:
+                outcome = await self._attempt(url, body, deadline)
+            except BackendError as exc:
+                if failures:  # the retried failures before it belong to the story
+                    exc.args = (f"{exc} (after {len(failures)} retried: {'; '.join(failures[:5])})",)
+                raise
             if isinstance(outcome, dict):
                 return outcome
             failure, retry_after = outcome
