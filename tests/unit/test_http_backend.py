@@ -4,8 +4,8 @@ import pytest
 
 from apportion import Budget, HTTPOptions, OpenAIHTTPBackend, Prompt, SamplingParams, SelfConsistency
 from apportion.budget.ledger import Ledger
-from apportion.lm.metered import MAX_FRUITLESS_ROUNDS, MeteredLM
 from apportion.errors import BackendRequestError, BackendUnavailable, ModelNotFound, RunFailed
+from apportion.lm.metered import MAX_FRUITLESS_ROUNDS, MeteredLM
 from tests.support.fake_openai import FakeOpenAI
 
 QUESTION = "What is 40 plus 2?"

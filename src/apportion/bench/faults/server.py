@@ -10,7 +10,8 @@ reached the client (``Billing``).
 
 Faults:
 - ``ok``: a correct reply, ``n`` honoured.
-- ``short``: fewer choices than ``n`` (one, as llama.cpp's server does; or a random number below n).
+- ``one``: one choice whatever ``n`` (llama.cpp's server ignores ``n``).
+- ``short``: a random number of choices below ``n``.
 - ``extra``: two choices more than ``n``.
 - ``long``: ignores ``max_tokens`` (samples up to three times longer), and says so in its usage.
 - ``lying``: reports half the completion tokens it generated, where it sends log-probabilities
@@ -38,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-FAULTS = ("ok", "short", "extra", "long", "lying", "nousage", "nochoices", "empty", "garbage", "truncate",
+FAULTS = ("ok", "one", "short", "extra", "long", "lying", "nousage", "nochoices", "empty", "garbage", "truncate",
           "drip", "hang", "reset", "500", "503", "429")
 GENERATING = frozenset(FAULTS) - {"reset", "500", "503", "429"}
 """Faults that happen after the server generated: a paid API bills these."""
@@ -167,10 +168,10 @@ class FaultServer:
 
     async def _answer(self, method: str, path: str, raw: bytes, writer: asyncio.StreamWriter) -> bool:
         """Reply to one request; False when the connection must close."""
-        if method == "GET" and path.rstrip("/").endswith("/models"):
+        if method == "GET" and path.rstrip("/") == "/v1/models":
             await _send(writer, 200, json.dumps({"object": "list", "data": [{"id": self.model}]}).encode())
             return True
-        if method != "POST" or not path.endswith(("/chat/completions", "/completions")):
+        if method != "POST" or path not in ("/v1/chat/completions", "/v1/completions"):
             await _send(writer, 404, b'{"error": {"message": "no such route"}}')
             return True
         try:
@@ -225,8 +226,10 @@ class FaultServer:
             rng = random.Random(self._rng.random())
         n = max(1, int(body.get("n", 1)))
         max_tokens = int(body.get("max_tokens") or 16)
-        if fault == "short":
-            n = 1 if n == 1 or rng.random() < 0.5 else rng.randint(1, n - 1)
+        if fault == "one":
+            n = 1
+        elif fault == "short":
+            n = 1 if n == 1 else rng.randint(1, n - 1)
         elif fault == "extra":
             n += 2
         chat = "messages" in body
@@ -263,7 +266,7 @@ class FaultServer:
         with self._lock:
             self.billing.prompt_tokens += prompt_tokens
             self.billing.completion_tokens += completion_tokens
-            if fault in ("ok", "short", "extra", "long", "lying", "nousage"):
+            if fault in ("ok", "one", "short", "extra", "long", "lying", "nousage"):
                 self.billing.samples_delivered += len(choices)
         return out
 
