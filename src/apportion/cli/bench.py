@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -93,7 +94,7 @@ def bench(
     timeout: TimeoutOpt = None,
 ) -> None:
     """Run algorithms x budgets over a dataset; write a run directory and print the table."""
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     if ctx.invoked_subcommand is not None:
         # typer vendors its own click, so its ParameterSource enum is matched by name
         given = [name for name in ctx.params
@@ -277,7 +278,7 @@ def bench_overhead(
     """The engine's own cost: apportion against an instant mock server, next to a bare HTTP client."""
     from apportion.bench import overhead
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         config = overhead.OverheadConfig(budgets=tuple(_ints(budgets)), concurrencies=tuple(_ints(concurrency)),
                                          questions=questions, repeats=repeats)
@@ -292,6 +293,38 @@ def bench_overhead(
     console.print(f"wrote {out}")
 
 
+@bench_app.command("faults")
+def bench_faults(
+    questions: Annotated[int, typer.Option(help="Questions in the file answered.")] = 200,
+    budget: Annotated[str, typer.Option(help="Each question's budget.")] = "gen=8,tokens=6000",
+    concurrency: Annotated[int, typer.Option(help="Questions in flight at once.")] = 8,
+    timeout: Annotated[float, typer.Option(help="--timeout given to `apportion run` (seconds).")] = 2.0,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per sample.")] = 64,
+    shares: Annotated[str | None, typer.Option(
+        help="Fault mix as fault=weight pairs (default: half correct replies, the rest spread over every fault).")]
+    = None,
+    seed: Annotated[int, typer.Option(help="Seed of the server's fault draws and of sampling.")] = 0,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("runs/faults.json"),
+) -> None:
+    """`apportion run --file` against a server that fails, hangs, truncates, omits usage and returns
+    fewer and more choices: answered, failed cleanly, lost, budget violations, requests."""
+    from apportion.bench.faults import run as faults
+
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        config = faults.FaultRunConfig(questions, budget, concurrency, timeout, max_tokens, seed,
+                                       faults.parse_shares(shares) if shares else dict(faults.DEFAULT_SHARES))
+    except ApportionError as exc:
+        fail(console, exc, EXIT_USAGE)
+    report = faults.run(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    typer.echo(faults.table(report))
+    console.print(f"wrote {out}")
+    if report["lost"] or report["budget_violations"] or report["undercharged"] or report["traceback"]:
+        raise typer.Exit(EXIT_FAILURE)
+
+
 @app.command("report")
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `apportion bench`.")],
@@ -301,7 +334,7 @@ def report(
     """PNG plots and one self-contained HTML page for a benchmark run."""
     from apportion.bench.report import write_report  # matplotlib is slow to import: only here
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         files = write_report(run_dir, out)
     except ApportionError as exc:

@@ -77,7 +77,7 @@ def run(
     timeout: TimeoutOpt = None,
 ) -> None:
     """Answer a prompt (or a file of prompts) within a budget."""
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         parsed_budget = Budget.parse(budget)
         sampling = sampling_options(max_tokens, temperature, top_p, system_prompt)

@@ -23,7 +23,7 @@ def replay_serve(
     """Serve a sample bank as an OpenAI-compatible model: recorded samples, without replacement."""
     from apportion.serve import replay_app, serve
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         served = replay_app(bank, seed=seed, model=model)
     except ApportionError as exc:
