@@ -29,11 +29,12 @@ install-dev: $(VENV)/.installed-dev
 run: install
 	$(BIN)/apportion run "$(QUESTION)" --algorithm self-consistency --budget $(BUDGET) --seed 0
 
-test: install-dev
+test: install-dev lint
 	$(BIN)/python -m pytest -q
 
 lint: install-dev
 	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -19,6 +19,7 @@ from apportion.answers.extract import read_answer
 from apportion.answers.normalize import normalize_answer
 from apportion.bench.datasets import Problem
 from apportion.errors import ConfigError
+from apportion.files import jsonl_lines
 from apportion.lm.base import Sample
 from apportion.result import Candidate
 
@@ -100,6 +101,8 @@ class SampleBank:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read bank {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start + 1}), so not a sample bank") from None
         if not text.endswith("\n"):
             text = text[: text.rfind("\n") + 1]  # a draw cut off mid-line: that entry was never finished
         lines = text.splitlines()
@@ -162,13 +165,13 @@ def open_bank(path: str | Path) -> SampleBank:
     """A bank file of either kind: ours (with the version header) or the shared math_cot file."""
     path = Path(path)
     try:
-        with path.open(encoding="utf-8") as handle:
+        with path.open("rb") as handle:
             first = handle.readline()
     except OSError as exc:
         raise ConfigError(f"cannot read bank {path}: {exc.strerror or exc}") from None
     try:
         head = json.loads(first)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ConfigError(f"{path}:1: not JSON, so not a sample bank") from None
     if isinstance(head, dict) and "bank" in head:
         return SampleBank.load(path)
@@ -185,20 +188,25 @@ def from_math_cot(path: str | Path) -> SampleBank:
     that weighted voting can sum them (a negative logit would otherwise count against its
     answer); the order, hence plain best-of-N, is unchanged."""
     entries = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        raw = json.loads(line)
-        texts, preds, scores = raw["code"], raw["pred"], raw["pred_score"]
-        if not (len(texts) == len(preds) == len(scores)):
-            raise ConfigError(f"{path}:{number}: code, pred and pred_score differ in length")
-        samples = tuple(
-            BankSample(text, normalize_answer(pred) if pred else None, 0, None,
-                       _logistic(float(score[-1])) if score else None, pred or None, "stop",
-                       "source" if pred else None)
-            for text, pred, score in zip(texts, preds, scores))
-        level = str(raw.get("level", "")).replace("Level", "").strip() or None
-        problem = Problem(str(raw.get("idx", number)), raw["question"], str(raw["gt"]), level)
+    for line in jsonl_lines(path):
+        number, raw = line.number, line.value
+        if line.error is not None:
+            raise ConfigError(f"{path}: {line.error}")
+        try:
+            texts, preds, scores = raw["code"], raw["pred"], raw["pred_score"]
+            if not (len(texts) == len(preds) == len(scores)):
+                raise ConfigError(f"{path}:{number}: code, pred and pred_score differ in length")
+            samples = tuple(
+                BankSample(text, normalize_answer(pred) if pred else None, 0, None,
+                           _logistic(float(score[-1])) if score else None, pred or None, "stop",
+                           "source" if pred else None)
+                for text, pred, score in zip(texts, preds, scores))
+            level = str(raw.get("level", "")).replace("Level", "").strip() or None
+            problem = Problem(str(raw.get("idx", number)), raw["question"], str(raw["gt"]), level)
+        except ConfigError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"{path}:{number}: not a math_cot record ({type(exc).__name__}: {exc})") from None
         entries.append(BankEntry(problem, samples))
     return SampleBank(entries, {"source": "Qwen2.5-Math eval_rm_maj_example math_cot_100",
                                 "scores": "reward model (pred_score, last step, logistic)"})
