@@ -83,7 +83,7 @@ class MeteredLM:
                 *(self._request(prompt, params, g, start) for g, start in zip(grants, starts)),
                 return_exceptions=True)
             draw.requests += len(grants)
-            stop = False
+            stop, wait = False, 0.0
             for r in results:
                 if isinstance(r, Completion):
                     draw.samples.extend(r.samples)
@@ -96,12 +96,12 @@ class MeteredLM:
                     draw.errors.append(r)
                     stop = stop or not r.retryable
                     timeouts += isinstance(r, BackendTimeout)
+                    wait = max(wait, r.retry_after)
                 else:
                     raise r
             fruitless = fruitless + 1 if len(draw.samples) == before else 0
             if stop or fruitless >= MAX_FRUITLESS_ROUNDS or timeouts >= MAX_TIMEOUTS:
                 break
-            wait = max((e.retry_after for e in draw.errors[-len(grants):]), default=0.0)
             left = self.ledger.seconds_left()
             if wait > 0 and (left is None or wait < left):
                 await asyncio.sleep(wait)
