@@ -19,11 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real command line in a child process, as a user runs it."""
+def run_cli(*args: str, stdin: str | None = None, stdin_bytes: bytes | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real command line in a child process, as a user runs it (``stdin_bytes``: raw input)."""
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "apportion", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    proc = subprocess.run([sys.executable, "-m", "apportion", *args], capture_output=True, timeout=timeout, env=env,
+                          input=stdin_bytes if stdin_bytes is not None else (stdin or "").encode())
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
+                                       proc.stderr.decode(errors="replace"))
 
 
 def cli_json(*args: str) -> dict:

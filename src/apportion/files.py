@@ -50,9 +50,27 @@ def jsonl_lines(path: str | Path) -> Iterator[Line]:
             yield Line(number, error=f"line {number}: not valid UTF-8 (byte {exc.start + 1})")
             continue
         try:
-            yield Line(number, json.loads(text))
+            value = json.loads(text)
         except json.JSONDecodeError as exc:
             yield Line(number, error=f"line {number}: not valid JSON ({exc.msg})")
+            continue
+        except RecursionError:
+            yield Line(number, error=f"line {number}: JSON nested too deeply")
+            continue
+        if not is_text(value):
+            yield Line(number, error=f"line {number}: holds an unpaired \\u surrogate escape, which is not text")
+            continue
+        yield Line(number, value)
+
+
+def is_text(value: Any) -> bool:
+    """Whether every string in ``value`` can be written as UTF-8 (JSON's \\ud800 escapes and
+    undecodable command-line bytes give Python strings that cannot)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_output(out: str | Path, *, inputs: tuple[str | Path | None, ...] = (), what: str = "--out") -> Path:
@@ -68,6 +86,10 @@ def check_output(out: str | Path, *, inputs: tuple[str | Path | None, ...] = (),
                               "write the answers elsewhere")
     if out.exists() and not os.access(out, os.W_OK):
         raise ConfigError(f"{what} {out} is not writable")
+    partial = ReplacingWriter.partial_of(out)
+    if partial.exists():
+        raise ConfigError(f"{partial} exists (the rows of an interrupted run, or an input): move or delete it "
+                          f"first, {what} is written through it")
     return out
 
 
@@ -86,9 +108,13 @@ class ReplacingWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.partial = self.partial_of(self.path)
         self.replaced: int | None = _count_lines(self.path) if self.path.is_file() else None
         self._handle: IO[str] | None = None
+
+    @staticmethod
+    def partial_of(path: Path) -> Path:
+        return path.with_name(path.name + ".partial")
 
     def __enter__(self) -> ReplacingWriter:
         try:
@@ -99,7 +125,10 @@ class ReplacingWriter:
 
     def write_line(self, row: dict[str, Any]) -> None:
         assert self._handle is not None, "use ReplacingWriter as a context manager"
-        self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        line = json.dumps(row, ensure_ascii=False)
+        if not is_text(row):  # never lose a row to an unwritable character: escape it instead
+            line = json.dumps(row)
+        self._handle.write(line + "\n")
         self._handle.flush()
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,

@@ -208,3 +208,39 @@ def test_bench_input_errors_are_one_line(tmp_path):
     data.write_text(json.dumps({"question": "q", "answer": 1}) + "\n")
     proc = no_traceback(run_cli("bench", "--dataset", str(data), "--out", str(a_file)))
     assert proc.returncode == 2 and "is a file" in proc.stderr
+
+
+def test_the_scratch_file_of_out_is_never_an_input_or_an_earlier_runs_rows(tmp_path):
+    scratch_input = tmp_path / "a.jsonl.partial"
+    scratch_input.write_text('{"question": "What is 1 + 1?"}\n')
+    with FakeOpenAI() as server:
+        proc = no_traceback(run_cli("run", "--file", str(scratch_input), "--out", str(tmp_path / "a.jsonl"),
+                                    *http(server)))
+    assert proc.returncode == 2 and "a.jsonl.partial exists" in proc.stderr
+    assert scratch_input.read_text() == '{"question": "What is 1 + 1?"}\n'
+    kept = tmp_path / "b.jsonl.partial"
+    kept.write_text('{"answer": "rows of an interrupted run"}\n')
+    with FakeOpenAI() as server:
+        proc = no_traceback(run_cli("run", "--file", str(questions(tmp_path)), "--out", str(tmp_path / "b.jsonl"),
+                                    *http(server)))
+    assert proc.returncode == 2 and "interrupted run" in kept.read_text()
+
+
+def test_text_that_is_not_utf8_is_refused_per_line_and_per_prompt(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question": "What is 1 plus 2?"}\n{"question": "What is \\ud800 2 + 2?"}\n'
+                    '{"question": "2 + 2?"}\n')
+    out = tmp_path / "a.jsonl"
+    with FakeOpenAI() as server:
+        proc = no_traceback(run_cli("run", "--file", str(path), "--out", str(out), *http(server, "--budget", "1")))
+        by_line = {r["line"]: r for r in rows(out)}
+        assert sorted(by_line) == [1, 2, 3] and "surrogate" in by_line[2]["error"]
+        proc = no_traceback(run_cli("run", "-", *http(server), stdin_bytes=b"What is \xff\xfe 2 + 2?"))
+    assert proc.returncode == 2 and "not valid UTF-8" in proc.stderr
+
+
+def test_benchmark_reports_are_checked_before_the_benchmark_runs(tmp_path):
+    proc = no_traceback(run_cli("bench", "faults", "--questions", "2", "--out", str(tmp_path)))
+    assert proc.returncode == 2 and "is a directory" in proc.stderr
+    proc = no_traceback(run_cli("bench", "faults", "--shares", "ok=0"))
+    assert proc.returncode == 2 and "weight above 0" in proc.stderr

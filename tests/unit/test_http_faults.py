@@ -88,7 +88,8 @@ def make(name: str, sampling: SamplingOptions):
     return BestOfN(BestOfNOptions(sampling))
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+@pytest.mark.timeout(max(600, EXAMPLES))  # about 0.1 s a case; the long run must not hit the default limit
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     budget=budgets(),
     faults=st.lists(st.sampled_from(FAULTS), max_size=10),

@@ -23,7 +23,7 @@ from apportion.budget.units import Usage
 from apportion.errors import BackendError, BackendUnavailable, BudgetExhausted, RunFailed
 from apportion.lm.metered import MAX_FRUITLESS_ROUNDS, MeteredLM
 from apportion.lm.n_support import FIRST_PROBE, IGNORED_AFTER, NSupport
-from apportion.lm.scripted import ScriptedBackend
+from apportion.lm.scripted import Reply, ScriptedBackend
 
 QUESTION = "What is 40 plus 2?"
 PROMPT = Prompt.chat(QUESTION)
@@ -181,6 +181,15 @@ def test_n_support_needs_evidence_and_recovers():
         n.observe(1, 1)
     assert n.batches  # time to probe n again
     assert n.observe(8, 8) is not None and n.batches and not n.ignoring
+    for _ in range(IGNORED_AFTER):
+        n.observe(8, 1)
+    for _ in range(FIRST_PROBE):
+        n.observe(1, 1)
+    for _ in range(8):  # eight concurrent calls all probing at once: one failed probe, not eight
+        n.observe(8, 1)
+    for _ in range(2 * FIRST_PROBE):
+        n.observe(1, 1)
+    assert n.batches
     capped = NSupport()
     for _ in range(10):
         capped.observe(16, 4)  # a server capping n is still batched
@@ -192,3 +201,32 @@ async def test_budget_exhausted_before_any_request():
     ledger = Ledger(Budget(input_tokens=5))
     with pytest.raises(BudgetExhausted, match="input_tokens"):
         await MeteredLM(lm, ledger).generate(PROMPT, SamplingParams(n=2))
+
+
+async def test_a_failed_sample_is_asked_for_again_with_its_own_seed_never_another_samples():
+    failed = set()
+
+    def reply(prompt, params, call, i):
+        if params.seed == 101 and not failed:
+            failed.add(101)
+            return Reply("", error=BackendError("reply cut off", billed=True, retryable=True))
+        return f"drawn with seed {params.seed}"
+
+    lm = ScriptedBackend(reply, native_n=False)
+    completion = await MeteredLM(lm, Ledger(Budget(generations=4))).generate(
+        PROMPT, SamplingParams(n=4, max_tokens=16, seed=100))
+    assert [c.params.seed for c in lm.calls] == [100, 101, 102, 103, 101]
+    assert [s.text for s in completion.samples] == [f"drawn with seed {k}" for k in (100, 101, 102, 103)]
+
+
+async def test_cancelled_before_its_requests_start_leaves_no_reservation_open():
+    lm = ScriptedBackend(["The answer is 42"], native_n=False, latency_s=0.5)
+    parent = Ledger(Budget(generations=100))
+    child = parent.child(Budget(generations=8))
+    task = asyncio.ensure_future(MeteredLM(lm, child).generate(PROMPT, SamplingParams(n=4, max_tokens=16)))
+    await asyncio.sleep(0)  # reserved, its requests only scheduled
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert child.remaining().generations == 8 and parent.remaining().generations == 100
+    assert not lm.calls and child.spend().calls == 0

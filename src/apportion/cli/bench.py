@@ -164,6 +164,8 @@ def bench(
         checked_preflight(backend, console)
     try:
         outcome = asyncio.run(_run(spec, backend, console))
+    except ConfigError as exc:  # found once the run directory is read (a bank to resume drawn otherwise)
+        fail(console, exc, EXIT_USAGE)
     except ApportionError as exc:
         fail(console, exc, EXIT_FAILURE)
     stdout = Console()
@@ -213,6 +215,14 @@ def _table(rows: list[Row], summary: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
+def check_report_path(out: Path) -> None:
+    """A JSON report's path, checked before a benchmark runs (not after, with its figures lost)."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give a file name for the JSON report")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: {out.parent} is not a directory")
+
+
 def _bank_sampling(meta: dict[str, Any], default: SamplingOptions) -> SamplingOptions:
     recorded = meta.get("sampling")
     if not isinstance(recorded, dict):
@@ -249,6 +259,10 @@ def bench_throughput(
 
     console = Console()
     try:
+        check_report_path(out)
+    except ApportionError as exc:
+        fail(console, exc, EXIT_USAGE)
+    try:
         backend = make_backend(None, None, None, model_path, None, None)
         report = asyncio.run(measure(backend, ThroughputConfig(repeats, max_tokens, seed)))
     except ApportionError as exc:
@@ -280,6 +294,7 @@ def bench_overhead(
 
     console = Console(stderr=True, soft_wrap=True)
     try:
+        check_report_path(out)
         config = overhead.OverheadConfig(budgets=tuple(_ints(budgets)), concurrencies=tuple(_ints(concurrency)),
                                          questions=questions, repeats=repeats)
     except ApportionError as exc:
@@ -312,6 +327,7 @@ def bench_faults(
 
     console = Console(stderr=True, soft_wrap=True)
     try:
+        check_report_path(out)
         config = faults.FaultRunConfig(questions, budget, concurrency, timeout, max_tokens, seed,
                                        faults.parse_shares(shares) if shares else dict(faults.DEFAULT_SHARES))
     except ApportionError as exc:

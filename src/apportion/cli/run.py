@@ -41,7 +41,7 @@ from apportion.cli._app import (
     sampling_options,
 )
 from apportion.errors import ApportionError, ConfigError, RunFailed
-from apportion.files import ReplacingWriter, check_output
+from apportion.files import ReplacingWriter, check_output, is_text
 from apportion.lm.base import Backend
 from apportion.result import Result
 
@@ -95,6 +95,8 @@ def run(
             prompt = sys.stdin.read()
         if prompt is not None and not prompt.strip():
             raise ConfigError("the prompt is empty")
+        if prompt is not None and not is_text(prompt):
+            raise ConfigError("the prompt is not valid UTF-8")
         chosen_scorer = make_scorer(scorer)
         make_algorithm(algorithm, sampling, chosen_scorer)  # validates the name before any work
         backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)

@@ -18,6 +18,9 @@ from typing import Any
 from apportion.budget.units import Usage
 from apportion.lm.base import Sample, SamplingParams
 
+# Token counts above this in a reply are nonsense (the largest contexts are a few million tokens).
+_MAX_REPORTED = 10**9
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -122,6 +125,10 @@ def _int(d: dict[str, Any] | None, key: str) -> int | None:
     if d is None:
         return None
     v = d.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if not 0 <= v <= _MAX_REPORTED:
+        return None  # a count no request could have: not usage, so bounded like missing usage
     return math.ceil(v)

@@ -11,7 +11,6 @@ after a reply that was paid for but unusable, one request per sample for a serve
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from dataclasses import dataclass, field, replace
 
@@ -70,23 +69,24 @@ class MeteredLM:
         started = time.monotonic()
         prompt_tokens = await self.backend.prompt_tokens(prompt)
         draw = _Draw()
+        # The samples not drawn yet, by index: sample i is asked for with seed params.seed + i, so
+        # no two samples share a seed and one whose request failed is asked for again with its own.
+        pending = list(range(params.n))
+        drawn: dict[int, Sample] = {}
         fruitless = timeouts = 0
-        while len(draw.samples) < params.n:
-            missing = params.n - len(draw.samples)
-            sizes = [missing] if missing == 1 or self.backend.capabilities.native_n else [1] * missing
-            grants = self._reserve(sizes, prompt_tokens, params, min_tokens)
+        while pending:
+            batched = len(pending) == 1 or self.backend.capabilities.native_n
+            slices = [pending] if batched else [[i] for i in pending]
+            grants = self._reserve([len(sl) for sl in slices], prompt_tokens, params, min_tokens)
             if not grants:
                 break
-            before = len(draw.samples)
-            starts = itertools.accumulate([before, *(g.n for g in grants[:-1])])
-            results = await asyncio.gather(
-                *(self._request(prompt, params, g, start) for g, start in zip(grants, starts)),
-                return_exceptions=True)
+            before = len(drawn)
+            results = await self._round(prompt, params, grants, [sl[0] for sl in slices])
             draw.requests += len(grants)
             stop, wait = False, 0.0
-            for r in results:
+            for indices, r in zip(slices, results):
                 if isinstance(r, Completion):
-                    draw.samples.extend(r.samples)
+                    drawn.update(zip(indices, r.samples))
                     draw.usage = draw.usage + r.usage
                     for note in r.notes:
                         draw.note(note)
@@ -99,12 +99,14 @@ class MeteredLM:
                     wait = max(wait, r.retry_after)
                 else:
                     raise r
-            fruitless = fruitless + 1 if len(draw.samples) == before else 0
+            pending = [i for i in pending if i not in drawn]
+            fruitless = fruitless + 1 if len(drawn) == before else 0
             if stop or fruitless >= MAX_FRUITLESS_ROUNDS or timeouts >= MAX_TIMEOUTS:
                 break
             left = self.ledger.seconds_left()
             if wait > 0 and (left is None or wait < left):
                 await asyncio.sleep(wait)
+        draw.samples = [drawn[i] for i in sorted(drawn)]
         if not draw.samples:
             if draw.errors:
                 raise draw.errors[-1]
@@ -116,6 +118,21 @@ class MeteredLM:
             draw.note(f"stopped after a failure, keeping the {len(draw.samples)} samples drawn: {error}")
         return Completion(tuple(draw.samples), draw.usage, self.backend.model, time.monotonic() - started,
                           tuple(draw.notes), error)
+
+    async def _round(self, prompt: Prompt, params: SamplingParams, grants: list[Grant],
+                     first_indices: list[int]) -> list[Completion | BaseException]:
+        """The round's requests, concurrently, each settling its own grant. A grant whose request
+        never started (the caller was cancelled first) is given back here: nothing was sent."""
+        started: set[int] = set()
+        try:
+            return await asyncio.gather(
+                *(self._request(prompt, params, g, i, started) for g, i in zip(grants, first_indices)),
+                return_exceptions=True)
+        except asyncio.CancelledError:
+            for grant in grants:
+                if grant.id not in started:
+                    self.ledger.release(grant)
+            raise
 
     def _reserve(self, sizes: list[int], prompt_tokens: int, params: SamplingParams,
                  min_tokens: int) -> list[Grant]:
@@ -130,11 +147,12 @@ class MeteredLM:
             grants.append(grant)
         return grants
 
-    async def _request(self, prompt: Prompt, params: SamplingParams, grant: Grant, start: int) -> Completion:
-        """One backend request for the samples ``start`` onwards, within ``grant``; settled whatever
-        happens. Sample ``i`` gets seed ``params.seed + i``, so make-up requests never repeat a
-        sample and a request retried after a failure draws what the failed one would have."""
-        seed = None if params.seed is None else params.seed + start
+    async def _request(self, prompt: Prompt, params: SamplingParams, grant: Grant, index: int,
+                       started_grants: set[int]) -> Completion:
+        """One backend request within ``grant``, seeded for sample ``index`` (the first it asks
+        for); settled whatever happens."""
+        started_grants.add(grant.id)  # before any await: from here on, this request settles its grant
+        seed = None if params.seed is None else params.seed + index
         granted = replace(params, n=grant.n, max_tokens=grant.max_tokens, seed=seed)
         deadline = self.ledger.deadline()
         started = time.monotonic()

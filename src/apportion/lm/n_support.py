@@ -53,7 +53,8 @@ class NSupport:
             if got != 1:
                 return None  # an empty reply says nothing about n (it is a failure of its own)
             if self.ignoring:  # a probe, answered with one choice again
-                self._singles, self._probe_after = 0, min(MAX_PROBE, 2 * self._probe_after)
+                if self._singles >= self._probe_after:  # the first of a burst of concurrent probes counts once
+                    self._singles, self._probe_after = 0, min(MAX_PROBE, 2 * self._probe_after)
                 return None
             self._streak += 1
             if self._streak < IGNORED_AFTER:

@@ -17,9 +17,11 @@ a reply left out). Servers lie, so what comes back is checked, not trusted:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -150,7 +152,11 @@ class OpenAIHTTPBackend:
         path, body = self._payload(prompt, params)
         prompt_bound = self._prompt_estimate(prompt)
         data = await self._post(path, body, deadline, failures)
-        reply = read_reply(data, params, prompt_bound)
+        try:
+            reply = read_reply(data, params, prompt_bound)
+        except (ArithmeticError, RecursionError, TypeError, ValueError) as exc:  # absurd values in a well-formed body
+            raise BackendError(f"{self._base}{path} answered 200 with a body that cannot be read: "
+                               f"{type(exc).__name__}: {str(exc)[:120]}", billed=True, retryable=True) from None
         notes = list(reply.notes)
         if params.logprobs and self._logprobs is None and reply.samples:
             self._logprobs = any(s.logprobs is not None for s in reply.samples)
@@ -184,10 +190,15 @@ class OpenAIHTTPBackend:
     async def check(self) -> list[str]:
         """Fail fast and clearly: is the server up, is this the API's address, does it serve this
         model? Returns the served model names (empty where the server does not list them)."""
+        o = self.options
         try:
-            response = await self._client().get(f"{self._base}/models", headers=self._headers())
+            async with asyncio.timeout(o.connect_timeout_s + o.timeout_s):  # a reply dripped a byte at a time
+                response = await self._client().get(f"{self._base}/models", headers=self._headers())
         except httpx.HTTPError as exc:
             raise BackendUnavailable(f"cannot reach {self._base}: {_describe(exc)}") from None
+        except TimeoutError:
+            raise BackendUnavailable(f"{self._base}/models sent no complete reply within "
+                                     f"{o.connect_timeout_s + o.timeout_s:g} s") from None
         self._connected = True
         if response.status_code in (401, 403):
             raise BackendRequestError(
@@ -272,6 +283,21 @@ class OpenAIHTTPBackend:
         body.update(self.options.extra_body)
         return path, body
 
+    @contextlib.asynccontextmanager
+    async def _slot(self, url: str, deadline: float | None) -> AsyncIterator[None]:
+        """One of ``max_concurrency`` connections; a request still waiting for one when the
+        deadline comes was never sent, and says so (it costs nothing)."""
+        limit = self._limits.get()
+        try:
+            async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                await limit.acquire()
+        except TimeoutError:
+            raise DeadlineReached(f"deadline reached while {url} waited for a free connection") from None
+        try:
+            yield
+        finally:
+            limit.release()
+
     async def _post(self, path: str, body: dict[str, Any], deadline: float | None,
                     failures: list[str]) -> dict[str, Any]:
         """The reply's JSON body. Retries what cost nothing; raises what may have cost something."""
@@ -303,7 +329,7 @@ class OpenAIHTTPBackend:
         """One request: the parsed body, or (why, Retry-After) for a failure that cost nothing.
         Failures that may have cost something, and those retrying cannot cure, are raised."""
         o = self.options
-        async with self._limits.get():
+        async with self._slot(url, deadline):
             wait, by_deadline = o.timeout_s, False
             if deadline is not None:
                 left = deadline - time.monotonic()
@@ -340,7 +366,7 @@ class OpenAIHTTPBackend:
                                          retryable=True) from None
         try:
             data = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         if not (isinstance(data, dict) and isinstance(data.get("choices"), list)):
             raise BackendError(f"{url} answered 200 with a malformed body: {raw[:120]!r}", billed=True,

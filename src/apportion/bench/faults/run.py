@@ -62,6 +62,8 @@ def parse_shares(text: str) -> dict[str, float]:
             sep = ""
         if not sep or shares.get(name.strip(), -1) < 0:
             raise ConfigError(f"--shares wants fault=weight pairs (weights >= 0), got {part!r}")
+    if not shares or sum(shares.values()) <= 0:
+        raise ConfigError(f"--shares needs a weight above 0, got {text!r}")
     return shares
 
 
