@@ -10,6 +10,12 @@ import pytest
 from apportion.serve.runner import wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def examples(default: int) -> int:
+    """Cases for a property test: ``default`` in the suite, ``PROPERTY_EXAMPLES`` for a long run
+    (``PROPERTY_EXAMPLES=10000 pytest tests/unit/test_http_faults.py``)."""
+    return int(os.environ.get("PROPERTY_EXAMPLES", default))
 DATA = ROOT.parent / "shared" / "data"
 
 

@@ -51,7 +51,7 @@ def test_bench_input_errors_name_the_problem(tmp_path):
     assert proc.returncode == 2 and "--budgets" in proc.stderr
     proc = run_cli("bench", "--bank", str(DATA / "math_cot_100_samples.jsonl"), "--budgets", "16",
                    "--out", str(tmp_path / "too-big"))
-    assert proc.returncode == 1 and "exceeds the bank" in proc.stderr
+    assert proc.returncode == 2 and "exceeds the bank" in proc.stderr  # a usage error, found reading the bank
     proc = run_cli("bench", "--bank", str(DATA / "math_cot_100_samples.jsonl"), "--max-tokens", "64")
     assert proc.returncode == 2 and "would be unused: --max-tokens" in proc.stderr
     proc = run_cli("bench", "--dataset", "gsm8k", "throughput")

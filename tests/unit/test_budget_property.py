@@ -18,6 +18,7 @@ from apportion import (
 )
 from apportion.budget.units import Usage, to_fraction
 from apportion.lm.scripted import Reply, ScriptedBackend
+from tests.conftest import examples
 
 WORDS = ["the", "answer", "is", "7", "12", "so", "we", "add", "Score:", "9", "3/10", "carry"]
 
@@ -63,7 +64,7 @@ def make(name: str, sampling: SamplingOptions):
     return BestOfN(BestOfNOptions(sampling, weighted=name.startswith("weighted")))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     budget=budgets(),
     algorithm=st.sampled_from(ALGORITHMS),
