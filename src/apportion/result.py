@@ -70,6 +70,12 @@ class Result:
     notes: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    stop_reason: str | None = None
+    """Why a stopping rule ended the run before the budget did (the rule's name, or "give-up")."""
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stop_reason is not None
 
     @property
     def partial(self) -> bool:
@@ -88,6 +94,8 @@ class Result:
             "exhausted_reason": self.exhausted_reason,
             "partial": self.partial,
             "error": self.error,
+            "stopped_early": self.stopped_early,
+            "stop_reason": self.stop_reason,
             "final": self.final,
             "seed": self.seed,
             "backend": self.backend,

@@ -8,11 +8,12 @@ ledger is opened) or a Ledger (a sub-budget handed down by a caller, whose spend
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from apportion._sync import run_sync
+from apportion.algorithms.stopping import Seen, StopRule
 from apportion.answers.equivalence import Equivalence
 from apportion.answers.extract import read_answer
 from apportion.budget.ledger import CallRecord, Ledger
@@ -74,6 +75,8 @@ class RunContext:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     """The failure that ended the run early, if one did (the candidates drawn before it are kept)."""
+    stop_reason: str | None = None
+    """The stopping rule that ended the run before its budget did, if one did."""
 
     @property
     def ledger(self) -> Ledger:
@@ -107,6 +110,7 @@ class RunContext:
             notes=tuple(dict.fromkeys([*self.notes, *server_warnings(trace)])),
             options=self.options,
             error=self.error,
+            stop_reason=self.stop_reason,
         )
 
 
@@ -141,7 +145,13 @@ class Algorithm(ABC):
 
     def options_dict(self) -> dict[str, Any]:
         options = getattr(self, "options", None)
-        return asdict(options) if options is not None else {}
+        if options is None:
+            return {}
+        out = asdict(options)
+        rule = getattr(options, "stopping", None)
+        if "stopping" in out:
+            out["stopping"] = rule.describe() if rule is not None else None
+        return out
 
     def context(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, seed: int | None,
                 system_prompt: str | None) -> RunContext:
@@ -192,14 +202,18 @@ def check_budget_can_bind(budget: Budget, lm: Backend) -> None:
         )
 
 
-async def sample_batches(ctx: RunContext, opts: SamplingOptions) -> AsyncIterator[list[Candidate]]:
+async def sample_batches(ctx: RunContext, opts: SamplingOptions, stopping: StopRule | None = None,
+                         seen: Callable[[], Sequence[Candidate]] | None = None) -> AsyncIterator[list[Candidate]]:
     """Draw candidates in calls of as many samples as the budget allows, until it refuses.
 
     One call carries many samples (``n``), never one call per sample: the backend batches them.
-    A backend failure ends the loop (recorded with ``ctx.fail``) and keeps what was drawn.
+    With a stopping rule, calls are the rule's rounds, and after each one (once the caller has
+    taken the batch in) the rule sees ``seen()``, the caller's candidates so far, and may end the
+    loop (``ctx.stop_reason``). A backend failure ends the loop (recorded with ``ctx.fail``) and
+    keeps what was drawn.
     """
     caps = ctx.lm.backend.capabilities
-    call = 0
+    call = checked = 0
     while True:
         left = ctx.ledger.remaining().generations
         if left is not None and left < 1:
@@ -208,6 +222,8 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions) -> AsyncIterato
         n = left if left is not None else (opts.batch_size or DEFAULT_BATCH)
         if opts.batch_size is not None:
             n = min(n, opts.batch_size)
+        if stopping is not None:
+            n = min(left if left is not None else n, stopping.rounds.size(call))
         params = SamplingParams(
             n=n,
             max_tokens=opts.max_tokens,
@@ -231,3 +247,10 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions) -> AsyncIterato
             return
         if not completion.samples or any(s.finish_reason == "deadline" for s in completion.samples):
             return
+        if stopping is not None:
+            so_far = seen() if seen is not None else ()
+            reason = stopping.decide(Seen(so_far, checked, ctx.equivalence))
+            checked = len(so_far)
+            if reason is not None:
+                ctx.stop_reason = reason
+                return

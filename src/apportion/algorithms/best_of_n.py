@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from apportion.algorithms.base import Algorithm, RunContext, SamplingOptions, sample_batches
+from apportion.algorithms.stopping import StopRule
 from apportion.algorithms.voting import score_tally
 from apportion.answers.equivalence import Equivalence
 from apportion.budget.ledger import Ledger
@@ -28,6 +29,8 @@ from apportion.reward.self_certainty import SelfCertainty
 class BestOfNOptions:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     weighted: bool = False
+    stopping: StopRule | None = None
+    """Sample in the rule's rounds and stop when it says so (``score`` stops on a well-scored candidate)."""
 
 
 class _BestOfNName:
@@ -63,7 +66,7 @@ class BestOfN(Algorithm):
             )
         ctx = self.context(lm, prompt, budget, seed, opts.system_prompt)
         candidates: list[Candidate] = []
-        async for batch in sample_batches(ctx, opts):
+        async for batch in sample_batches(ctx, opts, self.options.stopping, lambda: candidates):
             try:
                 scores = await self.scorer.score(ctx.lm, ctx.question, batch)
             except ScoringFailed as exc:  # the candidates and the scores had are kept; the run ends

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from apportion.algorithms.base import Algorithm, SamplingOptions, sample_batches
+from apportion.algorithms.stopping import StopRule
 from apportion.algorithms.voting import tally
 from apportion.answers.equivalence import Equivalence
 from apportion.budget.ledger import Ledger
@@ -21,6 +22,8 @@ from apportion.result import Candidate, Result
 @dataclass(frozen=True, slots=True)
 class SelfConsistencyOptions:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    stopping: StopRule | None = None
+    """Sample in the rule's rounds and stop when it says more samples would not change the vote."""
 
 
 class SelfConsistency(Algorithm):
@@ -43,7 +46,7 @@ class SelfConsistency(Algorithm):
             return ctx.result(answer=t.winner, response=response, candidates=t.candidates,
                               distribution=t.distribution, final=final)
 
-        async for batch in sample_batches(ctx, opts):
+        async for batch in sample_batches(ctx, opts, self.options.stopping, lambda: candidates):
             candidates.extend(batch)
             yield current(final=False)
         yield current(final=True)

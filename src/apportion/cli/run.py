@@ -16,6 +16,7 @@ from rich.table import Table
 
 from apportion.algorithms.base import check_budget_can_bind
 from apportion.algorithms.registry import ALGORITHMS, make_algorithm
+from apportion.algorithms.stopping import STOP_RULES, parse_stop
 from apportion.batch import Item, answer_many, read_items
 from apportion.budget.units import Budget
 from apportion.cli._app import (
@@ -75,6 +76,9 @@ def run(
         help="Prompt field in --file records (default: question, prompt, problem or input).")] = None,
     concurrency: Annotated[int, typer.Option(help="Prompts answered at once with --file.")] = 4,
     timeout: TimeoutOpt = None,
+    stop: Annotated[str | None, typer.Option(
+        "--stop", help="Stop sampling early: RULE[:key=value,...], rules joined with '+' "
+                       f"({', '.join(STOP_RULES)}), e.g. 'beta:threshold=0.95+give-up'.")] = None,
 ) -> None:
     """Answer a prompt (or a file of prompts) within a budget."""
     console = Console(stderr=True, soft_wrap=True)
@@ -98,7 +102,8 @@ def run(
         if prompt is not None and not is_text(prompt):
             raise ConfigError("the prompt is not valid UTF-8")
         chosen_scorer = make_scorer(scorer)
-        make_algorithm(algorithm, sampling, chosen_scorer)  # validates the name before any work
+        stopping = parse_stop(stop) if stop is not None else None
+        make_algorithm(algorithm, sampling, chosen_scorer, stopping)  # validates the name before any work
         backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
         check_budget_can_bind(parsed_budget, backend)
     except ApportionError as exc:
@@ -106,7 +111,7 @@ def run(
     checked_preflight(backend, console)
 
     def algorithm_for() -> Any:
-        return make_algorithm(algorithm, sampling, chosen_scorer)
+        return make_algorithm(algorithm, sampling, chosen_scorer, stopping)
 
     if items is not None:
         assert out is not None
@@ -221,7 +226,9 @@ def _render(result: Result, console: Console) -> None:
         f"{s.seconds:.2f} s, {s.calls} call(s)" + (" (estimated)" if s.estimated else "")
     )
     console.print(f"[bold]Budget:[/bold] {result.budget}"
-                  + (f" - exhausted ({result.exhausted_reason})" if result.exhausted else ""))
+                  + (f" - exhausted ({result.exhausted_reason})" if result.exhausted else "")
+                  + (f" - stopped early by {result.stop_reason} after {s.generations} generation(s)"
+                     if result.stopped_early else ""))
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
 
