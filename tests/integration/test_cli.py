@@ -104,3 +104,15 @@ def test_file_mode_needs_out(tmp_path):
 def test_version():
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("apportion ")
+
+
+def test_stop_rule_from_the_command_line():
+    with FakeOpenAI() as server:
+        proc = run_cli("run", QUESTION, "--base-url", server.base_url, "--model", server.model, "--json",
+                       "--budget", "8", "--stop", "esc:window=2")
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["stop_reason"] == "esc" and out["spent"]["generations"] == 2 and not out["exhausted"]
+        assert server.billing.requests == 1 and server.billing.bodies[0]["n"] == 2
+        proc = run_cli("run", QUESTION, "--base-url", server.base_url, "--model", server.model, "--stop", "magic")
+        assert proc.returncode == 2 and "unknown stop rule 'magic'" in proc.stderr
