@@ -202,3 +202,39 @@ async def test_short_replies_are_made_up_and_a_bank_that_stays_short_is_caught_a
     assert [c.params.n for c in lm.calls] == [3, 1, 3, 1]  # each short reply (3 of 4) made up by one request
     with pytest.raises(BackendError, match="asked for 4 samples, got 3: the server gave up"):
         await run_bench(BenchSpec(problems(2), options(), "toy", tmp_path / "short"), Short(sampler))
+
+
+async def test_stopping_rules_replay_with_the_live_code_beside_the_full_bank(tmp_path):
+    from apportion.algorithms.self_consistency import SelfConsistency, SelfConsistencyOptions
+    from apportion.algorithms.stopping import ESC, parse_stop
+    from apportion.bench.grid import bank_prompt
+    from apportion.budget.units import Budget
+    from apportion.lm.replay import ReplayBackend
+
+    qs = problems(8)
+    opts = options(algorithms=("self-consistency", "best-of-n"), budgets=(1, 4), orders=5,
+                   stops=(ESC(window=2), parse_stop("beta+give-up")))
+    outcome = await run_bench(BenchSpec(qs, opts, "toy", tmp_path / "run"), ScriptedBackend(sampler))
+    labels = [(r.algorithm, r.budget) for r in outcome.rows]
+    assert ("self-consistency --stop esc:window=2", 4) in labels
+    assert ("best-of-n --stop beta:threshold=0.95,round=2,draws=4000+give-up:min_samples=6,max_share=0.34,round=2",
+            4) in labels
+    esc_row = next(r for r in outcome.rows if r.algorithm == "self-consistency --stop esc:window=2")
+    full = next(r for r in outcome.rows if r.algorithm == "self-consistency" and r.budget == 4)
+    assert esc_row.output_tokens <= full.output_tokens and "samples per question" in esc_row.notes[0]
+    # the first order of the row is a live run of the algorithm on the replay backend with that seed
+    bank = SampleBank.load(tmp_path / "run" / "bank.jsonl")
+    live = ReplayBackend(bank, seed=opts.seed)
+    algo = SelfConsistency(SelfConsistencyOptions(opts.sampling, ESC(window=2)))
+    first = await algo.run(live, bank_prompt(qs[0], opts.sampling), Budget(generations=4))
+    results = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    esc_q0 = next(r for r in results if r["algorithm"] == esc_row.algorithm and r["question_id"] == "0")
+    assert esc_q0["answer"] == first.answer
+
+
+async def test_stopping_rules_need_a_replayed_algorithm(tmp_path):
+    from apportion.algorithms.stopping import ESC
+
+    with pytest.raises(ConfigError, match="--stop is replayed"):
+        await run_bench(BenchSpec(problems(2), options(live=True, stops=(ESC(),)), "toy", tmp_path / "r"),
+                        ScriptedBackend(sampler))

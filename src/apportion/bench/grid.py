@@ -18,6 +18,7 @@ from typing import Any
 
 from apportion.algorithms.base import SamplingOptions
 from apportion.algorithms.registry import make_algorithm
+from apportion.algorithms.stopping import StopRule
 from apportion.answers.equivalence import Equivalence
 from apportion.bench.bank import BankEntry, BankSample, SampleBank
 from apportion.bench.datasets import Problem
@@ -48,6 +49,8 @@ class GridOptions:
     orders: int = 100
     seed: int = 0
     concurrency: int = 1
+    stops: tuple[StopRule, ...] = ()
+    """Stopping rules replayed beside each replayed algorithm at the bank's full size."""
 
     def __post_init__(self) -> None:
         if not self.algorithms:
@@ -229,7 +232,7 @@ def replay_cells(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, sc
     parallel = max(1, int(bank.meta.get("concurrency", 1)))
     for point in points:
         outcomes = _replay_outcomes(bank, point, price)
-        wall = sum(_scaled_seconds(e, t) for e, t in zip(bank.entries, point.per_question_tokens)) / parallel
+        wall = sum(scaled_seconds(e, t) for e, t in zip(bank.entries, point.per_question_tokens)) / parallel
         yield make_row("apportion", name, point.scorer, point.budget, "replay", outcomes, wall, True,
                        point.accuracy_std, point.orders, notes), outcomes
 
@@ -244,7 +247,7 @@ def _replay_outcomes(bank: SampleBank, point: ReplayPoint, price: Price) -> list
     return out
 
 
-def _scaled_seconds(entry: BankEntry, tokens: float) -> float:
+def scaled_seconds(entry: BankEntry, tokens: float) -> float:
     """The bank request's time, scaled by the share of its output tokens the budget used: an
     estimate (a batch of fewer samples decodes faster per sample), marked as one in the rows."""
     total = sum(s.output_tokens for s in entry.samples)

@@ -34,6 +34,7 @@ from apportion.bench.grid import (
     replay_cells,
 )
 from apportion.bench.peers import PeerRun, peer, peer_rows
+from apportion.bench.stop_cells import stop_cell
 from apportion.budget.units import Price
 from apportion.errors import ConfigError
 from apportion.lm.base import Backend
@@ -134,6 +135,9 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
     if options.scorer == "bank" and any(canonical(a) != "self-consistency" for a in replayed) and not (
             spec.bank is not None and spec.bank.has_scores):
         raise ConfigError("scorer 'bank' needs a bank with its own scores (e.g. the math_cot file)")
+    if options.stops and not replayed:
+        raise ConfigError("--stop is replayed over a bank: give a sample-based algorithm that is replayed "
+                          "(self-consistency, or best-of-n with self-certainty), not --live")
     if spec.peers:  # checked now: a bad peer setup must not surface after hours of sampling
         _peer_mode(spec, backend, has_bank=spec.bank is not None or bool(replayed))
     spec.out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +152,7 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
     sinks = _Sinks(spec.out)
     rows: list[Row] = []
     failures: list[str] = []
+    skipped: list[str] = []
     try:
         price = spec.price or (backend.price if backend is not None else Price())
         for algorithm in replayed:
@@ -159,6 +164,15 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
                 sinks.record(row, outcomes)
             if progress is not None:
                 progress("replay", replayed.index(algorithm) + 1, len(replayed))
+            for rule in options.stops:
+                if canonical(algorithm) != "self-consistency" and not bank.has_logprobs:
+                    skipped.append(f"{canonical(algorithm)} --stop {rule.describe()}: replayed with self-certainty, "
+                                   "which needs log-probabilities the bank does not have")
+                    continue
+                row, outcomes = await stop_cell(bank, algorithm, rule, orders=options.orders, seed=options.seed,
+                                                price=price, sampling=options.sampling, equivalence=eq)
+                rows.append(row)
+                sinks.record(row, outcomes)
         for algorithm in live:
             assert backend is not None
             for budget in options.budgets:
@@ -180,6 +194,7 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
         # written whatever happened to the peers: the cells already run are never lost
         summary = _summary(spec, backend, bank, rows, time.monotonic() - started)
         summary["peer_failures"] = failures
+        summary["skipped"] = skipped
         (spec.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
     return BenchOutcome(summary, rows)

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from apportion.algorithms.base import SamplingOptions
+from apportion.algorithms.stopping import parse_stop
 from apportion.bench.bank import open_bank
 from apportion.bench.datasets import DATASETS, load_dataset
 from apportion.bench.grid import GridOptions, Row, canonical
@@ -92,6 +93,9 @@ def bench(
     top_p: TopPOpt = 0.95,
     system_prompt: SystemPromptOpt = None,
     timeout: TimeoutOpt = None,
+    stop: Annotated[list[str] | None, typer.Option(
+        "--stop", help="Also replay a stopping rule at the bank's full size, beside each replayed algorithm: "
+                       "RULE[:key=value,...] (repeatable: one row per rule; never split on commas).")] = None,
 ) -> None:
     """Run algorithms x budgets over a dataset; write a run directory and print the table."""
     console = Console(stderr=True, soft_wrap=True)
@@ -132,6 +136,7 @@ def bench(
             budgets=tuple(_ints(budgets)),
             sampling=sampling, scorer=scorer, live=live, orders=orders, seed=seed,
             concurrency=concurrency or (4 if base_url else 1),
+            stops=tuple(parse_stop(s) for s in stop or ()),
         )
         if given_bank is not None:
             problems = [e.problem for e in given_bank.entries][:limit]
@@ -173,6 +178,8 @@ def bench(
     _table(outcome.rows, outcome.summary, stdout if stdout.is_terminal else Console(width=170))
     for failure in outcome.summary.get("peer_failures", []):
         console.print(f"[yellow]peer failed:[/yellow] {failure}")
+    for skipped in outcome.summary.get("skipped", []):
+        console.print(f"[yellow]not run:[/yellow] {skipped}")
     seen: set[tuple[str, str]] = set()
     for row in outcome.rows:
         for note in row.notes:
