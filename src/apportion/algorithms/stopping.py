@@ -82,6 +82,16 @@ class StopRule(ABC):
         return f"{self.name}:{values}" if values else self.name
 
 
+class _FixedRounds(StopRule):
+    """A rule whose rounds all have ``round`` samples (a dataclass field of each rule)."""
+
+    round: int
+
+    @property
+    def rounds(self) -> Rounds:
+        return Rounds(self.round)
+
+
 def _parts(rule: StopRule) -> tuple[StopRule, ...]:
     return rule.rules if isinstance(rule, AnyOf) else (rule,)
 
@@ -113,7 +123,7 @@ class ESC(StopRule):
 
 
 @dataclass(frozen=True)
-class Beta(StopRule):
+class Beta(_FixedRounds):
     threshold: float = 0.95
     round: int = 2
     draws: int = 4000
@@ -124,10 +134,6 @@ class Beta(StopRule):
             raise ConfigError(f"beta: threshold must be in (0.5, 1), got {self.threshold}")
         if self.round < 1 or self.draws < 100:
             raise ConfigError("beta: round must be >= 1 and draws >= 100")
-
-    @property
-    def rounds(self) -> Rounds:
-        return Rounds(self.round)
 
     def decide(self, seen: Seen) -> str | None:
         votes = _votes(seen)
@@ -150,7 +156,7 @@ def leader_stays(votes: Sequence[int], draws: int = 4000) -> float:
 
 
 @dataclass(frozen=True)
-class RelativeGain(StopRule):
+class RelativeGain(_FixedRounds):
     epsilon: float = 0.05
     min_samples: int = 4
     round: int = 2
@@ -159,10 +165,6 @@ class RelativeGain(StopRule):
     def __post_init__(self) -> None:
         if self.epsilon <= 0 or self.min_samples < 2 or self.round < 1:
             raise ConfigError("relative-gain: epsilon > 0, min_samples >= 2 and round >= 1 are required")
-
-    @property
-    def rounds(self) -> Rounds:
-        return Rounds(self.round)
 
     def decide(self, seen: Seen) -> str | None:
         if len(seen.candidates) < self.min_samples or seen.previous < 1:
@@ -180,7 +182,7 @@ def _share(seen: Seen) -> float:
 
 
 @dataclass(frozen=True)
-class ScoreThreshold(StopRule):
+class ScoreThreshold(_FixedRounds):
     threshold: float = 0.9
     round: int = 1
     name: ClassVar[str] = "score"
@@ -188,10 +190,6 @@ class ScoreThreshold(StopRule):
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 1 or self.round < 1:
             raise ConfigError(f"score: threshold must be in (0, 1] and round >= 1, got {self.threshold}")
-
-    @property
-    def rounds(self) -> Rounds:
-        return Rounds(self.round)
 
     def decide(self, seen: Seen) -> str | None:
         for c in seen.candidates:
@@ -203,7 +201,7 @@ class ScoreThreshold(StopRule):
 
 
 @dataclass(frozen=True)
-class GiveUp(StopRule):
+class GiveUp(_FixedRounds):
     min_samples: int = 6
     max_share: float = 0.34
     round: int = 2
@@ -212,10 +210,6 @@ class GiveUp(StopRule):
     def __post_init__(self) -> None:
         if self.min_samples < 2 or not 0 < self.max_share < 1 or self.round < 1:
             raise ConfigError("give-up: min_samples >= 2, max_share in (0, 1) and round >= 1 are required")
-
-    @property
-    def rounds(self) -> Rounds:
-        return Rounds(self.round)
 
     def decide(self, seen: Seen) -> str | None:
         n = len(seen.candidates)

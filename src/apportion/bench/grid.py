@@ -22,7 +22,7 @@ from apportion.algorithms.stopping import StopRule
 from apportion.answers.equivalence import Equivalence
 from apportion.bench.bank import BankEntry, BankSample, SampleBank
 from apportion.bench.datasets import Problem
-from apportion.bench.replay import REPLAYABLE, ReplayPoint, replay
+from apportion.bench.replay import REPLAYABLE, replay
 from apportion.bench.stats import mean_interval
 from apportion.budget.ledger import Ledger
 from apportion.budget.units import Budget, Price
@@ -228,26 +228,33 @@ def replay_cells(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, sc
     notes = []
     if name != "self-consistency" and replay_scorer == "self-certainty" and not bank.has_logprobs:
         notes.append("the bank has no log-probabilities, so self-certainty scored nothing: this is a majority vote")
-    # requests ran this many at a time while drawing: the summed request times overstate the wall time
-    parallel = max(1, int(bank.meta.get("concurrency", 1)))
     for point in points:
-        outcomes = _replay_outcomes(bank, point, price)
-        wall = sum(scaled_seconds(e, t) for e, t in zip(bank.entries, point.per_question_tokens)) / parallel
-        yield make_row("apportion", name, point.scorer, point.budget, "replay", outcomes, wall, True,
-                       point.accuracy_std, point.orders, notes), outcomes
+        outcomes = replay_outcomes(bank, point.per_question, point.per_question_tokens, point.first_answers, price)
+        yield make_row("apportion", name, point.scorer, point.budget, "replay", outcomes,
+                       replay_wall(bank, outcomes), True, point.accuracy_std, point.orders, notes), outcomes
 
 
-def _replay_outcomes(bank: SampleBank, point: ReplayPoint, price: Price) -> list[QuestionOutcome]:
+def replay_outcomes(bank: SampleBank, rates: Sequence[float], tokens: Sequence[float],
+                    answers: Sequence[str | None], price: Price) -> list[QuestionOutcome]:
+    """Per question of a replayed cell: its rate of right answers over the orders, its mean output
+    tokens, and the answer of the first order."""
     out = []
-    for entry, rate, tokens, answer in zip(bank.entries, point.per_question, point.per_question_tokens,
-                                           point.first_answers):
+    for entry, rate, spent, answer in zip(bank.entries, rates, tokens, answers):
         # One request with n=budget: the prompt is read once, as a live run on a native-n backend.
-        usd = float(price.cost(entry.prompt_tokens, 0)) + tokens * float(price.per_output_token())
-        out.append(QuestionOutcome(entry.problem, rate, entry.prompt_tokens, tokens, usd, answer))
+        usd = float(price.cost(entry.prompt_tokens, 0)) + spent * float(price.per_output_token())
+        out.append(QuestionOutcome(entry.problem, rate, entry.prompt_tokens, spent, usd, answer))
     return out
 
 
-def scaled_seconds(entry: BankEntry, tokens: float) -> float:
+def replay_wall(bank: SampleBank, outcomes: Sequence[QuestionOutcome]) -> float:
+    """The wall time a replayed cell would have taken: the bank's request times scaled to the
+    tokens used, over the concurrency the bank was drawn with (its requests ran that many at a
+    time, so their summed times overstate it). An estimate, marked as one in the rows."""
+    parallel = max(1, int(bank.meta.get("concurrency", 1)))
+    return sum(_scaled_seconds(e, o.output_tokens) for e, o in zip(bank.entries, outcomes)) / parallel
+
+
+def _scaled_seconds(entry: BankEntry, tokens: float) -> float:
     """The bank request's time, scaled by the share of its output tokens the budget used: an
     estimate (a batch of fewer samples decodes faster per sample), marked as one in the rows."""
     total = sum(s.output_tokens for s in entry.samples)

@@ -18,7 +18,7 @@ from apportion.algorithms.registry import make_algorithm
 from apportion.algorithms.stopping import StopRule
 from apportion.answers.equivalence import Equivalence
 from apportion.bench.bank import SampleBank
-from apportion.bench.grid import QuestionOutcome, Row, bank_prompt, make_row, scaled_seconds
+from apportion.bench.grid import QuestionOutcome, Row, bank_prompt, make_row, replay_outcomes, replay_wall
 from apportion.budget.units import Budget, Price
 from apportion.lm.replay import ReplayBackend
 from apportion.reward.self_certainty import SelfCertainty
@@ -50,20 +50,14 @@ async def stop_cell(bank: SampleBank, algorithm: str, rule: StopRule, *, orders:
             used.append(result.spent.generations)
             if order == 0:
                 answers.append(result.answer)
-    outcomes = []
-    for entry, r, t, answer in zip(bank.entries, right, tokens, answers):
-        out = statistics.fmean(t)
-        usd = float(price.cost(entry.prompt_tokens, 0)) + out * float(price.per_output_token())
-        outcomes.append(QuestionOutcome(entry.problem, statistics.fmean(r), entry.prompt_tokens, out, usd, answer))
+    outcomes = replay_outcomes(bank, [statistics.fmean(r) for r in right], [statistics.fmean(t) for t in tokens],
+                               answers, price)
     per_order = [statistics.fmean(r[o] for r in right) for o in range(orders)]
-    # the time the bank's draw took, scaled to the tokens the rule used (an estimate, marked so)
-    wall = sum(scaled_seconds(e, o.output_tokens) for e, o in zip(bank.entries, outcomes)) / max(
-        1, int(bank.meta.get("concurrency", 1)))
     name = make_algorithm(algorithm).name
     note = (f"stopped by {rule.describe()}: {statistics.fmean(used):.2f} of {bank.k} samples per question "
             f"on average ({100 * statistics.fmean(used) / bank.k:.1f}%)")
     row = make_row("apportion", f"{name} --stop {rule.describe()}", None if name == "self-consistency" else
-                   "self-certainty", bank.k, "replay", outcomes, wall, True,
+                   "self-certainty", bank.k, "replay", outcomes, replay_wall(bank, outcomes), True,
                    statistics.pstdev(per_order) if orders > 1 else None, orders, [note])
     return row, outcomes
 

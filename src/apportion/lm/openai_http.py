@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from apportion.budget.units import Price
+from apportion.budget.units import Price, Usage
 from apportion.errors import (
     BackendError,
     BackendRequestError,
@@ -233,7 +233,7 @@ class OpenAIHTTPBackend:
             headers["Authorization"] = f"Bearer {self.options.api_key}"
         return headers
 
-    def _learn_prompt(self, prompt: Prompt, usage: Any) -> None:
+    def _learn_prompt(self, prompt: Prompt, usage: Usage) -> None:
         if usage.estimated:
             return
         key = prompt.key()
