@@ -24,11 +24,15 @@ class Candidate:
     mean_logprob: float | None
     votes: int = 0
     score: float | None = None
+    logprobs: tuple[float, ...] | None = field(default=None, repr=False)
+    """Per-token log-probabilities of the sampled tokens (for confidence rules; not in to_dict)."""
+    confidences: tuple[float, ...] | None = field(default=None, repr=False)
+    """Per-token top-k confidences (``Sample.confidences``), where the backend gave them."""
 
     @classmethod
     def from_sample(cls, sample: Sample, answer: str | None, raw: str | None, method: str | None) -> Candidate:
         return cls(sample.text, answer, raw, method, sample.finish_reason, sample.output_tokens,
-                   sample.mean_logprob)
+                   sample.mean_logprob, logprobs=sample.logprobs, confidences=sample.confidences)
 
     def to_dict(self) -> dict[str, Any]:
         return {

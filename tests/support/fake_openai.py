@@ -148,7 +148,12 @@ class FakeOpenAI:
             text = " ".join(words)
             completion_tokens += len(words)
             choice: dict[str, Any] = {"index": i, "finish_reason": finish}
-            lp = [{"token": w, "logprob": -0.25} for w in words]
+            # alternatives: the sampled word at -0.25, then -1, -1.5, ... (what top_logprobs lists)
+            k = int(body.get("top_logprobs") or 0) if chat else int(body.get("logprobs") or 0)
+            tops = [[-0.25] + [-1.0 - 0.5 * j for j in range(k - 1)] for _ in words]
+            lp = [{"token": w, "logprob": -0.25,
+                   "top_logprobs": [{"token": f"{w}~{j}", "logprob": v} for j, v in enumerate(top)]}
+                  for w, top in zip(words, tops)]
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
                 if self.logprobs and body.get("logprobs"):
@@ -156,7 +161,9 @@ class FakeOpenAI:
             else:
                 choice["text"] = text
                 if self.logprobs and body.get("logprobs"):
-                    choice["logprobs"] = {"token_logprobs": [-0.25] * len(words)}
+                    choice["logprobs"] = {"token_logprobs": [-0.25] * len(words),
+                                          "top_logprobs": [{f"{w}~{j}": v for j, v in enumerate(top)}
+                                                           for w, top in zip(words, tops)]}
             choices.append(choice)
         out: dict[str, Any] = {"id": "cmpl-fake", "object": "chat.completion", "model": self.model,
                                "choices": choices}

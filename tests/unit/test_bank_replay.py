@@ -170,3 +170,22 @@ async def test_replay_backend_serves_without_replacement_and_refuses_strangers()
         await lm.generate(prompt, SamplingParams(n=1))
     with pytest.raises(ModelNotFound, match="not in the bank"):
         await lm.generate(Prompt.chat("something else"), SamplingParams())
+
+
+async def test_replay_honours_a_cut_as_a_live_decode_would():
+    from apportion.bench.bank import BankEntry, BankSample
+    from apportion.bench.datasets import Problem
+    from apportion.lm import Prompt, SamplingParams
+    from apportion.lm.replay import ReplayBackend
+
+    confident = BankSample("so 7. The answer is 7", "7", 6, (-0.1,) * 6, confidences=(5.0,) * 6)
+    shaky = BankSample("maybe 3. The answer is 3", "3", 6, (-2.0,) * 6, confidences=(5.0, 5.0, 1.0, 0.5, 5.0, 5.0))
+    bank = SampleBank([BankEntry(Problem("1", "q?", "7"), (confident, shaky), 10)])
+    lm = ReplayBackend(bank, seed=0)
+    cut = lambda part: len(part.confidences) >= 2 and sum(part.confidences[-2:]) / 2 < 2  # noqa: E731
+    completion = await lm.generate(Prompt.chat("q?"), SamplingParams(n=2, logprobs=True, top_logprobs=20, cut=cut))
+    by_reason = {s.finish_reason: s for s in completion.samples}
+    assert by_reason["stop"].text == confident.text and by_reason["stop"].output_tokens == 6
+    assert by_reason["cut"].output_tokens == 4 and by_reason["cut"].text == ""
+    assert by_reason["cut"].confidences == (5.0, 5.0, 1.0, 0.5)
+    assert completion.usage.output_tokens == 10

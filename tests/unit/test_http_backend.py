@@ -183,3 +183,36 @@ async def test_bad_request_is_not_retried_and_surfaces_the_server_message():
             await lm.generate(Prompt.chat(QUESTION), SamplingParams())
         assert server.billing.requests == 1
         await lm.aclose()
+
+
+async def test_top_logprobs_become_token_confidences_in_both_formats():
+    with FakeOpenAI() as server:
+        lm = backend(server)
+        expected = -(-0.25 - 1.0 - 1.5) / 3
+        for prompt in (Prompt.chat(QUESTION), Prompt.raw(QUESTION)):
+            completion = await lm.generate(prompt, SamplingParams(n=2, max_tokens=8, logprobs=True, top_logprobs=3))
+            sample = completion.samples[0]
+            assert sample.confidences == pytest.approx((expected,) * sample.output_tokens)
+        assert server.billing.bodies[0]["top_logprobs"] == 3 and server.billing.bodies[1]["logprobs"] == 3
+        await lm.aclose()
+    # a server that sends fewer alternatives than asked is not measuring the same thing: none
+    from apportion.lm.http_reply import _choice_confidences
+    choice = {"logprobs": {"content": [{"logprob": -0.1, "top_logprobs": [{"logprob": -0.1}]}]}}
+    assert _choice_confidences(choice, 1) == (0.1,)
+    assert _choice_confidences(choice, 3) is None
+
+
+async def test_a_cut_over_http_is_applied_afterwards_and_every_token_charged():
+    with FakeOpenAI() as server:
+        lm = backend(server)
+        assert lm.capabilities.cut is False
+        metered = MeteredLM(lm, Ledger(Budget(generations=10)))
+        cut = lambda part: len(part.logprobs) >= 2  # noqa: E731
+        completion = await metered.generate(Prompt.chat(QUESTION), SamplingParams(n=3, max_tokens=32, logprobs=True,
+                                                                                  cut=cut))
+        assert [s.finish_reason for s in completion.samples] == ["cut"] * 3
+        assert all(s.text == "" for s in completion.samples)
+        assert metered.ledger.spend().output_tokens == server.billing.completion_tokens
+        assert sum(s.output_tokens for s in completion.samples) == server.billing.completion_tokens
+        assert any("cannot stop a sample mid-decode" in n for n in completion.notes)
+        await lm.aclose()

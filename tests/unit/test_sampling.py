@@ -20,7 +20,7 @@ def empirical(logits, temperature, top_p, draws):
     counts = np.zeros(len(logits))
     rng = np.random.default_rng(1)
     for _ in range(draws):
-        token, _ = sample_token(logits, temperature, top_p, rng, want_logprob=False)
+        token, _, _ = sample_token(logits, temperature, top_p, rng, want_logprob=False)
         counts[token] += 1
     return counts / draws
 
@@ -47,10 +47,10 @@ def test_heavy_tail_falls_back_to_the_full_sort():
 
 def test_greedy_and_logprob_are_untempered():
     logits = np.array([1.0, 3.0, 2.0], dtype=np.float32)
-    token, lp = sample_token(logits, 0.0, 1.0, np.random.default_rng(0), want_logprob=True)
+    token, lp, _ = sample_token(logits, 0.0, 1.0, np.random.default_rng(0), want_logprob=True)
     assert token == 1
     assert lp == pytest.approx(3.0 - np.log(np.exp(logits).sum()), abs=1e-5)
-    _, lp_hot = sample_token(logits, 2.0, 1.0, np.random.default_rng(0), want_logprob=True)
+    _, lp_hot, _ = sample_token(logits, 2.0, 1.0, np.random.default_rng(0), want_logprob=True)
     assert lp_hot <= 0
 
 
@@ -59,3 +59,17 @@ def test_same_seed_same_tokens():
     a = [sample_token(logits, 0.8, 0.95, rng, False)[0] for rng in [np.random.default_rng(9)] for _ in range(50)]
     b = [sample_token(logits, 0.8, 0.95, rng, False)[0] for rng in [np.random.default_rng(9)] for _ in range(50)]
     assert a == b
+
+
+def test_token_confidence_is_minus_mean_top_k_logprob():
+    logits = np.array([0.0, 2.0, 1.0, -1.0, 0.5], dtype=np.float32)
+    logp = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+    for temperature in (0.0, 0.7, 1.0):
+        _, _, conf = sample_token(logits, temperature, 1.0, np.random.default_rng(0), False, top_k=3)
+        assert conf == pytest.approx(-np.sort(logp)[-3:].mean(), abs=1e-5)
+    # a peaked distribution is more confident than a flat one
+    _, _, flat = sample_token(np.zeros(50, dtype=np.float32), 1.0, 1.0, np.random.default_rng(0), False, 5)
+    peaked = np.zeros(50, dtype=np.float32)
+    peaked[7] = 8
+    _, _, sharp = sample_token(peaked, 1.0, 1.0, np.random.default_rng(0), False, 5)
+    assert sharp > flat

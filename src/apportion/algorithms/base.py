@@ -50,10 +50,12 @@ class SamplingOptions:
     """Do not start a sample the budget cannot give this many tokens (it would not finish)."""
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     logprobs: bool = True
+    top_logprobs: int = 0
+    """Keep per-token confidences over this many alternatives (confidence rules ask for more)."""
 
     def __post_init__(self) -> None:
         SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                       stop=self.stop)  # validates the shared fields with one message set
+                       stop=self.stop, top_logprobs=self.top_logprobs)  # one message set for shared fields
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.min_tokens < 1:

@@ -38,12 +38,15 @@ class BankSample:
     finish_reason: str = "stop"
 
     method: str | None = None
+    confidences: tuple[float, ...] | None = None
+    """Per-token top-k confidences (``Sample.confidences``), where the draw asked for them."""
 
     @classmethod
     def from_sample(cls, sample: Sample) -> BankSample:
         answer, raw, method = read_answer(sample.text)
+        confidences = None if sample.confidences is None else tuple(round(c, 4) for c in sample.confidences)
         return cls(sample.text, answer, sample.output_tokens, sample.logprobs, None, raw,
-                   sample.finish_reason, method)
+                   sample.finish_reason, method, confidences)
 
     @property
     def mean_logprob(self) -> float | None:
@@ -54,7 +57,8 @@ class BankSample:
     def candidate(self) -> Candidate:
         """The candidate a live run would have built from this sample (score included)."""
         return Candidate(self.text, self.answer, self.raw_answer, self.method,
-                         self.finish_reason, self.output_tokens, self.mean_logprob, score=self.score)
+                         self.finish_reason, self.output_tokens, self.mean_logprob, score=self.score,
+                         logprobs=self.logprobs, confidences=self.confidences)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,10 @@ class SampleBank:
     @property
     def has_logprobs(self) -> bool:
         return any(s.logprobs for e in self.entries for s in e.samples)
+
+    @property
+    def has_confidences(self) -> bool:
+        return any(s.confidences for e in self.entries for s in e.samples)
 
     @property
     def k(self) -> int:
@@ -227,7 +235,8 @@ def _entry_from(raw: dict[str, Any], path: Path, line: int) -> BankEntry:
         samples = tuple(
             BankSample(s["text"], s.get("answer"), int(s.get("output_tokens", 0)),
                        tuple(s["logprobs"]) if s.get("logprobs") else None, s.get("score"),
-                       s.get("raw_answer"), s.get("finish_reason", "stop"), s.get("method"))
+                       s.get("raw_answer"), s.get("finish_reason", "stop"), s.get("method"),
+                       tuple(s["confidences"]) if s.get("confidences") else None)
             for s in raw["samples"])
         return BankEntry(Problem(**raw["problem"]), samples, int(raw.get("prompt_tokens", 0)), raw.get("prompt"),
                          float(raw.get("seconds", 0.0)), bool(raw.get("estimated", False)))

@@ -172,6 +172,11 @@ def bank_prompt(problem: Problem, sampling: SamplingOptions) -> Prompt:
     return Prompt.chat(problem.question, system=sampling.system_prompt)
 
 
+BANK_TOP_LOGPROBS = 20
+"""Banks keep per-token confidences over this many alternatives (DeepConf's setting), so that
+confidence rules replay on them."""
+
+
 async def draw_bank(backend: Backend, problems: Sequence[Problem], k: int, sampling: SamplingOptions, *,
                     seeds: Sequence[int] | None = None, concurrency: int = 1,
                     on_entry: Callable[[BankEntry], None] | None = None) -> list[BankEntry]:
@@ -189,7 +194,8 @@ async def draw_bank(backend: Backend, problems: Sequence[Problem], k: int, sampl
         prompt = bank_prompt(problem, sampling)
         params = SamplingParams(n=k, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                 top_p=sampling.top_p, stop=sampling.stop, seed=seeds[index],
-                                logprobs=sampling.logprobs and caps.logprobs)
+                                logprobs=sampling.logprobs and caps.logprobs,
+                                top_logprobs=max(sampling.top_logprobs, BANK_TOP_LOGPROBS) if caps.logprobs else 0)
         # through a ledger like every run, so a server's short replies are made up request by request
         metered = MeteredLM(backend, Ledger(Budget(generations=k)))
         async with limit:

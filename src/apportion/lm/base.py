@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from apportion.budget.units import Price, Usage
@@ -83,6 +84,39 @@ class Prompt:
 
 
 @dataclass(frozen=True, slots=True)
+class Partial:
+    """A sample while it is decoded, as ``SamplingParams.cut`` sees it after each token: the
+    lists grow in place (a predicate reads, never keeps them). ``text`` may lag a multi-byte
+    character."""
+
+    text: str
+    logprobs: Sequence[float]
+    confidences: Sequence[float]
+
+
+Cut = Callable[[Partial], bool]
+"""A per-sequence stop predicate: True ends that sample now (finish_reason "cut"); the others go on."""
+
+
+def cut_point(sample: Sample, cut: Cut) -> int | None:
+    """The token count at which ``cut`` would have ended a finished sample (None: never), for
+    sources that cannot stop mid-decode. The predicate sees the sample's log-probabilities and
+    confidences token by token, but no text (which is not known per token here)."""
+    logprobs, confidences = sample.logprobs or (), sample.confidences or ()
+    seen_lp: list[float] = []
+    seen_conf: list[float] = []
+    view = Partial("", seen_lp, seen_conf)
+    for i in range(max(len(logprobs), len(confidences))):
+        if i < len(logprobs):
+            seen_lp.append(logprobs[i])
+        if i < len(confidences):
+            seen_conf.append(confidences[i])
+        if i + 1 < sample.output_tokens and cut(view):
+            return i + 1
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to sample, for one request of ``n`` samples."""
 
@@ -93,8 +127,15 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0
+    """Keep DeepConf's token confidence over this many most probable tokens per token (0: none);
+    see ``Sample.confidences``."""
     ignore_eos: bool = False
     """Keep generating past end-of-sequence up to max_tokens (for fixed-length benchmarks)."""
+    cut: Cut | None = field(default=None, compare=False)
+    """Asked after every token of every sample. Backends that decode locally (``capabilities.cut``)
+    stop the sample there and charge its tokens so far; over HTTP without streaming the whole
+    sample is drawn and paid for, and the cut is applied to it afterwards (``MeteredLM``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
@@ -109,22 +150,31 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) \
+                or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ConfigError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 
 
-FINISH_REASONS = ("stop", "length", "deadline")
+FINISH_REASONS = ("stop", "length", "deadline", "cut")
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's limit on ``top_logprobs``."""
 
 
 @dataclass(frozen=True, slots=True)
 class Sample:
     """One sampled continuation. ``logprobs`` are the log-probabilities, under the model's own
-    (temperature 1) distribution, of the tokens that were sampled; None where unavailable."""
+    (temperature 1) distribution, of the tokens that were sampled; None where unavailable.
+    ``confidences`` are per-token confidences (Fu et al. 2025): minus the mean log-probability of
+    the ``top_logprobs`` most probable tokens at each position; None where not asked for or not
+    given. ``finish_reason`` "cut" is a sample its ``SamplingParams.cut`` ended mid-decode."""
 
     text: str
     finish_reason: str
     output_tokens: int
     logprobs: tuple[float, ...] | None = None
+    confidences: tuple[float, ...] | None = None
 
     @property
     def mean_logprob(self) -> float | None:
@@ -160,6 +210,8 @@ class Capabilities:
     raw_prompt: bool = True
     exact_prompt_tokens: bool = False
     """prompt_tokens() is exact rather than an upper bound."""
+    cut: bool = False
+    """``SamplingParams.cut`` stops a sample mid-decode (saving its remaining tokens)."""
 
 
 @runtime_checkable

@@ -39,7 +39,7 @@ def read_reply(data: dict[str, Any], params: SamplingParams, prompt_bound: int) 
     if len(choices) < len(data["choices"]):
         notes.append(f"{len(data['choices']) - len(choices)} choice(s) were not JSON objects: ignored")
     choices.sort(key=_index)
-    samples = [_sample(c) for c in choices]
+    samples = [_sample(c, params.top_logprobs) for c in choices]
     usage_raw = data.get("usage") if isinstance(data.get("usage"), dict) else None
     prompt_tokens = _int(usage_raw, "prompt_tokens")
     completion_tokens = _int(usage_raw, "completion_tokens")
@@ -63,10 +63,36 @@ def _index(choice: dict[str, Any]) -> int:
     return index if isinstance(index, int) and not isinstance(index, bool) else 0
 
 
-def _sample(choice: dict[str, Any]) -> Sample:
+def _sample(choice: dict[str, Any], top_k: int) -> Sample:
     logprobs = _choice_logprobs(choice)
     finish = "length" if choice.get("finish_reason") == "length" else "stop"
-    return Sample(_choice_text(choice), finish, len(logprobs) if logprobs else 0, logprobs)
+    confidences = _choice_confidences(choice, top_k) if top_k else None
+    return Sample(_choice_text(choice), finish, len(logprobs) if logprobs else 0, logprobs, confidences)
+
+
+def _choice_confidences(choice: dict[str, Any], top_k: int) -> tuple[float, ...] | None:
+    """Per-token confidence, minus the mean of the ``top_k`` best log-probabilities, from the
+    chat format's ``top_logprobs`` lists or the legacy format's ``top_logprobs`` dicts. None
+    unless every token came with the alternatives asked for (a server that sends fewer is not
+    measuring the same thing)."""
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict):
+        return None
+    content = lp.get("content")
+    if isinstance(content, list):
+        tops = [[a.get("logprob") for a in t.get("top_logprobs") or () if isinstance(a, dict)]
+                if isinstance(t, dict) else [] for t in content]
+    else:
+        raw = lp.get("top_logprobs")
+        tops = [list(t.values()) if isinstance(t, dict) else [] for t in raw] if isinstance(raw, list) else []
+    out = []
+    for values in tops:
+        best = sorted((float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and math.isfinite(v)), reverse=True)[:top_k]
+        if len(best) < top_k:
+            return None
+        out.append(-math.fsum(best) / top_k)
+    return tuple(out) or None
 
 
 def _choice_text(choice: dict[str, Any]) -> str:

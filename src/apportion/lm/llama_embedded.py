@@ -7,7 +7,9 @@ The prompt of the previous request stays in sequence 0 as a prefix cache, so rep
 one prompt (and step-wise search that extends a prefix) skip its prefill.
 
 Log-probabilities are those of the sampled tokens under the model's own distribution
-(temperature 1), from a log-softmax over the full vocabulary.
+(temperature 1), from a log-softmax over the full vocabulary; token confidences (``top_logprobs``)
+come from the same softmax. ``SamplingParams.cut`` is asked after every token: a sample it ends
+leaves the batch at once and is charged for the tokens it got.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 from apportion.budget.units import Price, Usage
 from apportion.errors import BackendError, ConfigError, ModelNotFound
-from apportion.lm.base import Capabilities, Completion, Prompt, Sample, SamplingParams
+from apportion.lm.base import Capabilities, Completion, Partial, Prompt, Sample, SamplingParams
 from apportion.lm.sampling import sample_token
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,7 +97,7 @@ class LlamaEmbeddedBackend:
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(native_n=True, logprobs=True, continuation=True, prefix_cache=True,
-                            raw_prompt=True, exact_prompt_tokens=True)
+                            raw_prompt=True, exact_prompt_tokens=True, cut=True)
 
     def load(self) -> _Engine:
         with self._load_lock:
@@ -142,6 +144,7 @@ class _Seq:
     rng: np.random.Generator
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
     data: bytearray = field(default_factory=bytearray)
     text: str = ""
     finish: str | None = None
@@ -305,7 +308,7 @@ class _Engine:
                     s.batch_index = i
                 if lc.llama_decode(self.ctx, self.batch) != 0:
                     raise BackendError("llama.cpp decode failed (context full?)")
-            return [self._sample(s) for s in seqs]
+            return [self._sample(s, params) for s in seqs]
         finally:
             for s in seqs:
                 lc.llama_memory_seq_rm(self.mem, s.seq_id, -1, -1)
@@ -352,9 +355,12 @@ class _Engine:
     def _step(self, s: _Seq, params: SamplingParams, max_tokens: int) -> None:
         lc = self.lc
         row = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, s.batch_index), shape=(self.n_vocab,))
-        token, logprob = sample_token(row, params.temperature, params.top_p, s.rng, params.logprobs)
+        token, logprob, confidence = sample_token(row, params.temperature, params.top_p, s.rng,
+                                                  params.logprobs or params.cut is not None, params.top_logprobs)
         if logprob is not None:
             s.logprobs.append(logprob)
+        if confidence is not None:
+            s.confidences.append(confidence)
         s.tokens.append(token)
         if not params.ignore_eos and lc.llama_vocab_is_eog(self.vocab, token):
             s.finish = "stop"
@@ -369,11 +375,15 @@ class _Engine:
                 return
         if len(s.tokens) >= max_tokens:
             s.finish = "length"
+        elif params.cut is not None and params.cut(Partial(s.text, s.logprobs, s.confidences)):
+            s.finish = "cut"
 
     @staticmethod
-    def _sample(s: _Seq) -> Sample:
+    def _sample(s: _Seq, params: SamplingParams) -> Sample:
         text = s.text if s.finish == "stop" else s.data.decode("utf-8", errors="replace")
-        return Sample(text, s.finish or "length", len(s.tokens), tuple(s.logprobs) if s.logprobs else None)
+        return Sample(text, s.finish or "length", len(s.tokens),
+                      tuple(s.logprobs) if s.logprobs and params.logprobs else None,
+                      tuple(s.confidences) if s.confidences else None)
 
     def close(self) -> None:
         lc = self.lc

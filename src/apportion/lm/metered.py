@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from apportion.budget.ledger import Ask, CallRecord, Grant, Ledger, overrun
 from apportion.budget.units import Usage
 from apportion.errors import BackendError, BackendTimeout, BudgetExhausted, DeadlineReached
-from apportion.lm.base import Backend, Completion, Prompt, Sample, SamplingParams
+from apportion.lm.base import Backend, Completion, Prompt, Sample, SamplingParams, cut_point
 
 # Past the deadline a backend that cannot stop mid-request gets this long to return before it
 # is cancelled; the cancelled call is then charged its reservation.
@@ -37,6 +37,7 @@ class _Draw:
     notes: list[str] = field(default_factory=list)
     errors: list[BackendError] = field(default_factory=list)
     requests: int = 0
+    backend: str = ""
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -68,7 +69,7 @@ class MeteredLM:
         """
         started = time.monotonic()
         prompt_tokens = await self.backend.prompt_tokens(prompt)
-        draw = _Draw()
+        draw = _Draw(backend=self.backend.name)
         # The samples not drawn yet, by index: sample i is asked for with seed params.seed + i, so
         # no two samples share a seed and one whose request failed is asked for again with its own.
         pending = list(range(params.n))
@@ -107,6 +108,8 @@ class MeteredLM:
             if wait > 0 and (left is None or wait < left):
                 await asyncio.sleep(wait)
         draw.samples = [drawn[i] for i in sorted(drawn)]
+        if params.cut is not None and not self.backend.capabilities.cut:
+            draw.samples = _cut_afterwards(draw, params)
         if not draw.samples:
             if draw.errors:
                 raise draw.errors[-1]
@@ -235,3 +238,20 @@ class MeteredLM:
         generation is counted."""
         worst = replace(grant.worst, generations=0, estimated=True)
         self._settle(grant, asked, worst, started, (f"{why}: charged the reserved worst case",), error)
+
+
+def _cut_afterwards(draw: _Draw, params: SamplingParams) -> list[Sample]:
+    """A backend that cannot stop a sample mid-decode drew it whole: apply the cut to what came
+    back, so the algorithm sees the same samples it would have seen live, and keep every token
+    charged (the server generated them)."""
+    assert params.cut is not None
+    out = []
+    for sample in draw.samples:
+        at = cut_point(sample, params.cut)
+        if at is None:
+            out.append(sample)
+            continue
+        out.append(Sample("", "cut", sample.output_tokens, sample.logprobs, sample.confidences))
+        draw.note(f"{draw.backend} cannot stop a sample mid-decode: samples were cut after they were drawn, "
+                  "and all their tokens are charged")
+    return out

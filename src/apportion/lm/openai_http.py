@@ -269,16 +269,16 @@ class OpenAIHTTPBackend:
                 body["continue_final_message"] = True
                 body["add_generation_prompt"] = False
             body["messages"] = messages
-            if want_logprobs:
-                # top_logprobs=1: some servers (llama-cpp-python) return none without it
+            if want_logprobs or params.top_logprobs:
+                # top_logprobs >= 1: some servers (llama-cpp-python) return none without it
                 body["logprobs"] = True
-                body["top_logprobs"] = 1
+                body["top_logprobs"] = max(1, params.top_logprobs)
             path = "/chat/completions"
         else:
             text = render_chatml(prompt) if prompt.is_chat else (prompt.text or "")
             body["prompt"] = text + prompt.assistant_prefix
-            if want_logprobs:
-                body["logprobs"] = 1
+            if want_logprobs or params.top_logprobs:
+                body["logprobs"] = max(1, params.top_logprobs)
             path = "/completions"
         body.update(self.options.extra_body)
         return path, body

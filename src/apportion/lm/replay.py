@@ -1,6 +1,8 @@
 """A backend that serves a sample bank: each request for a question gets that question's recorded
 samples, without replacement, in a seeded random order, with their real token counts and
 log-probabilities. Any algorithm then runs on recorded samples exactly as on a live model.
+A per-sample ``cut`` is honoured as a live decode would have honoured it: the sample ends at the
+token where the predicate fires, charged for the tokens up to there, with no text (so no answer).
 
 The order for a seed is the one ``bench.replay.replay`` uses for its first order with that seed,
 so a live run on this backend and a replay of the bank give the same answers, question by
@@ -17,7 +19,7 @@ import numpy as np
 
 from apportion.budget.units import Price, Usage
 from apportion.errors import BackendError, ModelNotFound
-from apportion.lm.base import Capabilities, Completion, Prompt, Sample, SamplingParams
+from apportion.lm.base import Capabilities, Completion, Prompt, Sample, SamplingParams, cut_point
 
 if TYPE_CHECKING:
     from apportion.bench.bank import BankEntry, SampleBank
@@ -40,7 +42,7 @@ class ReplayBackend:
         rng = np.random.default_rng(seed)
         self._orders = [list(rng.permutation(len(e.samples))) for e in bank.entries]
         self._served = [0] * len(bank.entries)
-        self._logprobs = bank.has_logprobs
+        self._logprobs = bank.has_logprobs or bank.has_confidences
         self._lock = threading.Lock()
 
     @property
@@ -58,7 +60,7 @@ class ReplayBackend:
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(native_n=True, logprobs=self._logprobs, continuation=False, prefix_cache=False,
-                            raw_prompt=True, exact_prompt_tokens=True)
+                            raw_prompt=True, exact_prompt_tokens=True, cut=True)
 
     def entry_index(self, prompt: Prompt) -> int:
         """The bank entry a prompt asks about: matched on its question (the last user message, or
@@ -94,4 +96,11 @@ class ReplayBackend:
 
 def _served_sample(entry: BankEntry, i: int, params: SamplingParams) -> Sample:
     s = entry.samples[i]
-    return Sample(s.text, s.finish_reason, s.output_tokens, s.logprobs if params.logprobs else None)
+    sample = Sample(s.text, s.finish_reason, s.output_tokens, s.logprobs,
+                    s.confidences if params.top_logprobs else None)
+    at = None if params.cut is None else cut_point(sample, params.cut)
+    if at is not None:
+        sample = Sample("", "cut", at, s.logprobs[:at] if s.logprobs else None,
+                        sample.confidences[:at] if sample.confidences else None)
+    return sample if params.logprobs else Sample(sample.text, sample.finish_reason, sample.output_tokens,
+                                                 None, sample.confidences)
