@@ -67,6 +67,10 @@ class ModelNotFound(BackendError):
     """The named model is not served by the backend, or its weights are not installed."""
 
 
+class BankExhausted(BackendError):
+    """A replayed sample bank has served every recorded sample of a question."""
+
+
 class ScoringFailed(BackendError):
     """A scorer's calls failed for some candidates; ``scores`` holds what the others got (None
     where a call failed), so the candidates and the scores already paid for are kept."""

@@ -7,7 +7,7 @@ import pytest
 
 from apportion import Equivalence
 from apportion.answers import normalize_answer
-from apportion.bench.bank import SampleBank, from_math_cot
+from apportion.banks import SampleBank, from_math_cot
 from apportion.bench.datasets import load_dataset
 from apportion.bench.replay import replay
 from apportion.errors import ConfigError
@@ -113,8 +113,7 @@ async def drawn_bank(questions: int = 12, k: int = 8) -> SampleBank:
     """A bank drawn through a (scripted) backend, as `apportion bench` will draw one."""
     import random
 
-    from apportion.bench.bank import bank_from_samples
-    from apportion.bench.datasets import Problem
+    from apportion.banks import Problem, bank_from_samples
     from apportion.lm import Prompt, SamplingParams
     from apportion.lm.scripted import Reply, ScriptedBackend
 
@@ -154,9 +153,9 @@ async def test_live_runs_on_the_replay_backend_match_replay(algorithm, scorer):
 
 
 async def test_replay_backend_serves_without_replacement_and_refuses_strangers():
-    from apportion.errors import ModelNotFound
+    from apportion.errors import BankExhausted, ModelNotFound
     from apportion.lm import Prompt, SamplingParams
-    from apportion.lm.replay import BankExhausted, ReplayBackend
+    from apportion.lm.replay import ReplayBackend
 
     bank = await drawn_bank(questions=2, k=4)
     lm = ReplayBackend(bank, seed=0)
@@ -173,8 +172,7 @@ async def test_replay_backend_serves_without_replacement_and_refuses_strangers()
 
 
 async def test_replay_honours_a_cut_as_a_live_decode_would():
-    from apportion.bench.bank import BankEntry, BankSample
-    from apportion.bench.datasets import Problem
+    from apportion.banks import BankEntry, BankSample, Problem
     from apportion.lm import Prompt, SamplingParams
     from apportion.lm.replay import ReplayBackend
 

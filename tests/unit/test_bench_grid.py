@@ -8,8 +8,7 @@ from dataclasses import replace
 import pytest
 
 from apportion.algorithms.base import SamplingOptions
-from apportion.bench.bank import SampleBank
-from apportion.bench.datasets import Problem
+from apportion.banks import Problem, SampleBank
 from apportion.bench.grid import GridOptions
 from apportion.bench.harness import BenchSpec, run_bench
 from apportion.bench.stats import mean_interval, wilson

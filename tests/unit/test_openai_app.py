@@ -13,8 +13,7 @@ import httpx
 import pytest
 
 from apportion import Budget, HTTPOptions, OpenAIHTTPBackend, Prompt, SamplingParams, make_algorithm
-from apportion.bench.bank import BankEntry, BankSample, SampleBank
-from apportion.bench.datasets import Problem
+from apportion.banks import BankEntry, BankSample, Problem, SampleBank
 from apportion.errors import BackendError, BackendRequestError, BackendUnavailable, ModelNotFound
 from apportion.lm.replay import ReplayBackend
 from apportion.lm.scripted import Reply, ScriptedBackend

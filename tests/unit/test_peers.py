@@ -3,7 +3,7 @@
 import pytest
 
 from apportion.algorithms.base import SamplingOptions
-from apportion.bench.bank import SampleBank
+from apportion.banks import SampleBank
 from apportion.bench.grid import GridOptions
 from apportion.bench.harness import BenchSpec, run_bench
 from apportion.bench.peers import PeerRun, its_hub, optillm, peer_rows

@@ -14,18 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from apportion.answers.normalize import format_number, numeric_value
+from apportion.banks import Problem
 from apportion.errors import ConfigError
 from apportion.files import jsonl_lines
 
 DATA_ENV = "APPORTION_DATA_DIR"
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    id: str
-    question: str
-    answer: str
-    level: str | None = None
 
 
 def _gsm8k_answer(raw: dict[str, Any]) -> str:

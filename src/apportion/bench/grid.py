@@ -20,8 +20,7 @@ from apportion.algorithms.base import SamplingOptions
 from apportion.algorithms.registry import make_algorithm
 from apportion.algorithms.stopping import StopRule
 from apportion.answers.equivalence import Equivalence
-from apportion.bench.bank import BankEntry, BankSample, SampleBank
-from apportion.bench.datasets import Problem
+from apportion.banks import BankEntry, BankSample, Problem, SampleBank
 from apportion.bench.replay import REPLAYABLE, replay
 from apportion.bench.stats import mean_interval
 from apportion.budget.ledger import Ledger

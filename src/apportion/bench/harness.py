@@ -21,8 +21,7 @@ from typing import Any, TextIO
 
 from apportion import __version__
 from apportion.answers.equivalence import Equivalence
-from apportion.bench.bank import BankWriter, SampleBank
-from apportion.bench.datasets import Problem
+from apportion.banks import BankWriter, Problem, SampleBank
 from apportion.bench.grid import (
     GridOptions,
     Progress,

@@ -17,7 +17,7 @@ import numpy as np
 
 from apportion.algorithms.voting import Tally, score_tally, tally
 from apportion.answers.equivalence import Equivalence
-from apportion.bench.bank import SampleBank
+from apportion.banks import SampleBank
 from apportion.errors import ConfigError
 from apportion.result import Candidate
 

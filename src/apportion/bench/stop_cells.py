@@ -17,7 +17,7 @@ from apportion.algorithms.base import SamplingOptions
 from apportion.algorithms.registry import make_algorithm
 from apportion.algorithms.stopping import StopRule
 from apportion.answers.equivalence import Equivalence
-from apportion.bench.bank import SampleBank
+from apportion.banks import SampleBank
 from apportion.bench.grid import QuestionOutcome, Row, bank_prompt, make_row, replay_outcomes, replay_wall
 from apportion.budget.units import Budget, Price
 from apportion.lm.replay import ReplayBackend

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from apportion.algorithms.base import SamplingOptions
 from apportion.algorithms.stopping import parse_stop
-from apportion.bench.bank import open_bank
+from apportion.banks import open_bank
 from apportion.bench.datasets import DATASETS, load_dataset
 from apportion.bench.grid import GridOptions, Row, canonical
 from apportion.bench.harness import BenchOutcome, BenchSpec, check_run_dir, run_bench

@@ -18,15 +18,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from apportion.budget.units import Price, Usage
-from apportion.errors import BackendError, ModelNotFound
+from apportion.errors import BankExhausted, ModelNotFound
 from apportion.lm.base import Capabilities, Completion, Prompt, Sample, SamplingParams, cut_point
 
 if TYPE_CHECKING:
-    from apportion.bench.bank import BankEntry, SampleBank
-
-
-class BankExhausted(BackendError):
-    """Every recorded sample of a question has been served."""
+    from apportion.banks import BankEntry, SampleBank
 
 
 class ReplayBackend:

@@ -50,9 +50,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from apportion.errors import ApportionError, BackendError, BackendUnavailable, ConfigError, ModelNotFound
+from apportion.errors import (
+    ApportionError,
+    BackendError,
+    BackendUnavailable,
+    BankExhausted,
+    ConfigError,
+    ModelNotFound,
+)
 from apportion.lm.base import Backend, Completion, Sample
-from apportion.lm.replay import BankExhausted
 from apportion.serve._requests import ParsedRequest, RequestError, parse_chat, parse_completion
 
 # Why 410 Gone and not 429 or 409: exhaustion is permanent for this server's lifetime, so a client

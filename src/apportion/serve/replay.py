@@ -15,7 +15,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 
-from apportion.bench.bank import SampleBank, open_bank
+from apportion.banks import SampleBank, open_bank
 from apportion.lm.replay import ReplayBackend
 from apportion.serve.openai_app import openai_app
 

@@ -17,7 +17,7 @@ from types import ModuleType
 from apportion.algorithms.base import SamplingOptions
 from apportion.answers.equivalence import Equivalence
 from apportion.answers.extract import read_answer
-from apportion.bench.datasets import Problem
+from apportion.banks import Problem
 from apportion.bench.grid import Progress, QuestionOutcome, Row, canonical, make_row
 from apportion.bench.peers import its_hub, optillm
 from apportion.bench.peers.endpoint import PeerEndpoint

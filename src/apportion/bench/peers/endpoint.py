@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
-from apportion.bench.datasets import Problem
+from apportion.banks import Problem
 from apportion.budget.units import Price, Usage
 from apportion.errors import ModelNotFound
 from apportion.lm.base import Backend, Capabilities, Completion, Prompt, SamplingParams

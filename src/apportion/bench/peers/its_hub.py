@@ -17,7 +17,7 @@ from typing import Any
 
 from apportion.algorithms.base import SamplingOptions
 from apportion.answers.extract import read_answer
-from apportion.bench.datasets import Problem
+from apportion.banks import Problem
 from apportion.errors import ConfigError
 
 ALGORITHMS = {"self-consistency": "SelfConsistency", "best-of-n": "BestOfN"}

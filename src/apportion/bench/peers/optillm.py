@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from apportion.algorithms.base import SamplingOptions
-from apportion.bench.datasets import Problem
+from apportion.banks import Problem
 from apportion.lm.base import Message, Prompt
 from apportion.serve.runner import bind_free_port
 

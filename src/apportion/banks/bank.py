@@ -17,7 +17,7 @@ from typing import Any
 
 from apportion.answers.extract import read_answer
 from apportion.answers.normalize import normalize_answer
-from apportion.bench.datasets import Problem
+from apportion.banks.problem import Problem
 from apportion.errors import ConfigError
 from apportion.files import jsonl_lines
 from apportion.lm.base import Sample

@@ -1,0 +1,17 @@
+"""Sample banks: the data model and file reading, below ``bench/`` so that ``lm/`` (replay) and
+``serve/`` can use them without importing the benchmark harness."""
+
+from apportion.banks.bank import (
+    BANK_VERSION,
+    BankEntry,
+    BankSample,
+    BankWriter,
+    SampleBank,
+    bank_from_samples,
+    from_math_cot,
+    open_bank,
+)
+from apportion.banks.problem import Problem
+
+__all__ = ["BANK_VERSION", "BankEntry", "BankSample", "BankWriter", "Problem", "SampleBank", "bank_from_samples",
+           "from_math_cot", "open_bank"]
