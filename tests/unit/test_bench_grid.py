@@ -11,7 +11,7 @@ from apportion.algorithms.base import SamplingOptions
 from apportion.banks import Problem, SampleBank
 from apportion.bench.grid import GridOptions
 from apportion.bench.harness import BenchSpec, run_bench
-from apportion.bench.stats import mean_interval, wilson
+from apportion.bench.stats import anytime_index, mean_interval, wilson
 from apportion.errors import BackendError, BackendUnavailable, ConfigError
 from apportion.lm.scripted import Reply, ScriptedBackend
 
@@ -67,6 +67,13 @@ async def test_run_directory_holds_bank_results_and_summary(tmp_path):
         assert sum(v["questions"] for v in row.by_level.values()) == 6
         mine = [r["right"] for r in results if r["algorithm"] == row.algorithm and r["budget"] == row.budget]
         assert sum(mine) / len(mine) == pytest.approx(row.accuracy)
+    # one Anytime Index per curve, over its budgets, per generation and per token
+    assert [(a["algorithm"], a["budgets"]) for a in summary["anytime"]] == [
+        ("self-consistency", [1, 2, 4]), ("best-of-n", [1, 2, 4])]
+    for series in summary["anytime"]:
+        rows = [r for r in outcome.rows if r.algorithm == series["algorithm"]]
+        assert series["per_generation"] == pytest.approx(anytime_index([(r.budget, r.accuracy) for r in rows]))
+        assert series["per_token"] == pytest.approx(anytime_index([(r.tokens, r.accuracy) for r in rows]))
 
 
 async def test_replay_statistics_match_live_runs(tmp_path):
@@ -140,6 +147,16 @@ async def test_a_given_bank_cannot_serve_live_cells(tmp_path):
 def test_grid_options_reject_bad_input(bad):
     with pytest.raises(ConfigError):
         options(**bad)
+
+
+def test_anytime_index_by_hand():
+    # slopes 0.10/1, 0.10/2, 0.05/4 over three increments: (0.1 + 0.05 + 0.0125) / 3
+    assert anytime_index([(1, 0.2), (2, 0.3), (4, 0.4), (8, 0.45)]) == pytest.approx(0.1625 / 3)
+    # the same curve against tokens, 100 per generation: slopes a hundredth as steep
+    assert anytime_index([(100, 0.2), (200, 0.3), (400, 0.4), (800, 0.45)]) == pytest.approx(0.001625 / 3)
+    assert anytime_index([(1, 0.5), (3, 0.3)]) == pytest.approx(-0.1)  # a curve that falls has a negative AI
+    assert anytime_index([(4, 0.5)]) is None and anytime_index([]) is None
+    assert anytime_index([(0, 0.2), (0, 0.3)]) is None  # no token counts: no increment to divide by
 
 
 def test_intervals():

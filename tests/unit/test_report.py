@@ -212,6 +212,26 @@ def test_page_lists_the_frontier(report: ReportFiles) -> None:
     assert tables["frontier"][-1][1:] == ["apportion: self-consistency", "16", "5,062.4", "35.5% [28.9, 42.1]"]
 
 
+def test_page_gives_each_curve_its_anytime_index(report: ReportFiles) -> None:
+    rows = {r[0]: r[1:] for r in read_tables(report.html.read_text())["anytime"]}
+    assert list(rows) == ["apportion: self-consistency", "apportion: best-of-n (self-certainty)",
+                          "its_hub: self-consistency"]
+    # By hand, apportion SC: accuracy 21.5, 24, 30.5, 34, 35.5% at 1, 2, 4, 8, 16 generations gains 2.5/1,
+    # 6.5/2, 3.5/4 and 1.5/8 pp per generation, 6.8125/4 on average; its tokens grow by 310.4, 620.8,
+    # 1241.6 and 2483.2 (the prompt's 96 stay), so per 1k tokens 2.5/0.3104, 6.5/0.6208, 3.5/1.2416 and
+    # 1.5/2.4832, averaging 5.487.
+    assert rows["apportion: self-consistency"] == ["1, 2, 4, 8, 16", "+1.703", "+5.487"]
+
+
+def test_anytime_index_needs_two_budgets_and_token_counts(tmp_path: Path) -> None:
+    summary = fixture_summary()
+    for row in summary["rows"]:
+        row["tokens"] = row["input_tokens"] = row["output_tokens"] = None
+    summary["rows"] = [*summary["rows"][:5], summary["rows"][5]]  # best-of-n at one budget only
+    tables = read_tables(write_report(write_run(tmp_path, summary)).html.read_text())
+    assert tables["anytime"] == [["apportion: self-consistency", "1, 2, 4, 8, 16", "+1.703", "—"]]
+
+
 def test_page_escapes_everything_taken_from_the_summary(tmp_path: Path) -> None:
     summary = fixture_summary()
     summary["model"] = "<script>alert(1)</script>"

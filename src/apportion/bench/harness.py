@@ -33,6 +33,7 @@ from apportion.bench.grid import (
     replay_cells,
 )
 from apportion.bench.peers import PeerRun, peer, peer_rows
+from apportion.bench.stats import anytime_index
 from apportion.bench.stop_cells import stop_cell
 from apportion.budget.units import Price
 from apportion.errors import ConfigError
@@ -164,9 +165,9 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
             if progress is not None:
                 progress("replay", replayed.index(algorithm) + 1, len(replayed))
             for rule in options.stops:
-                if canonical(algorithm) != "self-consistency" and not bank.has_logprobs:
-                    skipped.append(f"{canonical(algorithm)} --stop {rule.describe()}: replayed with self-certainty, "
-                                   "which needs log-probabilities the bank does not have")
+                if canonical(algorithm) != "self-consistency" and not (bank.has_logprobs or bank.has_scores):
+                    skipped.append(f"{canonical(algorithm)} --stop {rule.describe()}: the bank has neither "
+                                   "recorded scores nor the log-probabilities self-certainty needs")
                     continue
                 row, outcomes = await stop_cell(bank, algorithm, rule, orders=options.orders, seed=options.seed,
                                                 price=price, sampling=options.sampling, equivalence=eq)
@@ -304,7 +305,28 @@ def _summary(spec: BenchSpec, backend: Backend | None, bank: SampleBank | None, 
                    "bank_seconds": round(sum(e.seconds for e in bank.entries), 3) if bank is not None else None,
                    **spec.extra},
         "rows": [r.to_dict() for r in rows],
+        "anytime": anytime_series(rows),
     }
+
+
+def anytime_series(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """The Anytime Index of each curve of rows (one system, algorithm, scorer and mode over two
+    budgets or more), per generation and per token: accuracy gained per unit of budget, averaged
+    over the curve's budget increments (``stats.anytime_index``). A stop-rule row, at one budget,
+    is no curve and gets none."""
+    groups: dict[tuple[str, str, str | None, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.system, row.algorithm, row.scorer, row.mode), []).append(row)
+    out = []
+    for (system, algorithm, scorer, mode), members in groups.items():
+        members = sorted(members, key=lambda r: r.budget)
+        if len(members) < 2:
+            continue
+        out.append({"system": system, "algorithm": algorithm, "scorer": scorer, "mode": mode,
+                    "budgets": [r.budget for r in members],
+                    "per_generation": anytime_index([(r.budget, r.accuracy) for r in members]),
+                    "per_token": anytime_index([(r.tokens, r.accuracy) for r in members])})
+    return out
 
 
 def _now() -> str:

@@ -5,10 +5,13 @@ Live runs give one right-or-wrong per question: the Wilson score interval, which
 gives each question a rate (right in this fraction of the orders): the normal interval of the
 mean of those rates over questions. Both describe sampling of *questions*; the spread over replay
 orders is reported beside them, not folded in.
+
+Also here: the Anytime Index of a curve of accuracy against budget (``anytime_index``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Sequence
@@ -37,3 +40,23 @@ def mean_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float
     mean = statistics.fmean(values)
     half = z * statistics.stdev(values) / math.sqrt(n) if n > 1 else 1.0
     return (max(0.0, mean - half), min(1.0, mean + half))
+
+
+def anytime_index(points: Sequence[tuple[float, float]]) -> float | None:
+    """The Anytime Index of seed 001: AI = (1/|B|) * sum over budget increments of dQ(b)/db.
+
+    ``points`` are (budget, quality) in order of increasing budget, the budget in generations or
+    in tokens; each pair of neighbours is one increment, and AI is the mean of their slopes (the
+    unweighted mean, as the seed defines it: a curve that gains early scores higher than one that
+    gains the same late, on a grid of doubling budgets). None where it is undefined: fewer than two
+    points, or a budget that does not grow (a bank without token counts spends 0 tokens at every
+    budget).
+    """
+    if len(points) < 2:
+        return None
+    slopes = []
+    for (b0, q0), (b1, q1) in itertools.pairwise(points):
+        if not (math.isfinite(b0) and math.isfinite(b1) and b1 > b0):
+            return None
+        slopes.append((q1 - q0) / (b1 - b0))
+    return statistics.fmean(slopes)

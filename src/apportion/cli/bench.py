@@ -176,6 +176,8 @@ def bench(
     stdout = Console()
     # Off a terminal rich assumes 80 columns and would fold every cell; a log file can be wide.
     _table(outcome.rows, outcome.summary, stdout if stdout.is_terminal else Console(width=170))
+    for series in outcome.summary.get("anytime", []):
+        console.print(f"anytime index: {_series_label(series)}: {_anytime_text(series)}")
     for failure in outcome.summary.get("peer_failures", []):
         console.print(f"[yellow]peer failed:[/yellow] {failure}")
     for skipped in outcome.summary.get("skipped", []):
@@ -220,6 +222,18 @@ def _table(rows: list[Row], summary: dict[str, Any], console: Console) -> None:
                       ("~" if r.wall_estimated else "") + f"{r.wall_seconds:.1f}"
                       + (f" ({r.errors} err)" if r.errors else ""))
     console.print(table)
+
+
+def _series_label(series: dict[str, Any]) -> str:
+    return (f"{series['system']} {series['algorithm']}" + (f" ({series['scorer']})" if series["scorer"] else "")
+            + f" @{','.join(str(b) for b in series['budgets'])}")
+
+
+def _anytime_text(series: dict[str, Any]) -> str:
+    per_gen, per_token = series["per_generation"], series["per_token"]
+    gen = "-" if per_gen is None else f"{100 * per_gen:+.2f} pp per generation"
+    tok = "no token counts" if per_token is None else f"{100_000 * per_token:+.3f} pp per 1k tokens"
+    return f"{gen}, {tok}"
 
 
 def check_report_path(out: Path) -> None:

@@ -10,6 +10,9 @@ The input is the ``summary.json`` that ``apportion bench`` writes. Rows sharing
 - ``by_level.png``: accuracy per difficulty level at each curve's largest budget, written only
   when the dataset has levels.
 
+The page also gives each curve's Anytime Index (``bench.stats.anytime_index``), per generation and
+per token.
+
 ``report.html`` embeds them as data URIs next to tables of the run, so the one file can be mailed
 or attached to an issue. Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas,
 never through pyplot, so building a report leaves no global figure state behind.
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
-from apportion.bench.report.curves import Curve, build_curves, point_label
+from apportion.bench.report.curves import Curve, build_curves, curve_anytime, point_label
 from apportion.bench.report.frontier import frontier_rows, pareto_frontier
 from apportion.bench.report.page import render_html
 from apportion.bench.report.plots import (
@@ -44,7 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Curve", "LevelFigure", "ReportFiles", "Row", "Summary",
-    "build_curves", "frontier_rows", "load_summary", "pareto_frontier", "point_label", "render_html", "write_report",
+    "build_curves", "curve_anytime", "frontier_rows", "load_summary",
+    "pareto_frontier", "point_label", "render_html", "write_report",
     "plot_accuracy_vs_budget", "plot_accuracy_vs_tokens", "plot_by_level", "plot_pareto",
 ]
 

@@ -10,6 +10,7 @@ import matplotlib
 from matplotlib.colors import to_hex
 
 from apportion.bench.report.summary import Row
+from apportion.bench.stats import anytime_index
 
 HOME_SYSTEM = "apportion"
 
@@ -69,3 +70,12 @@ def point_label(row: Row) -> str:
         name += f"({row.scorer})"
     prefix = "" if row.system == HOME_SYSTEM else f"{row.system} "
     return f"{prefix}{name}@{row.budget}"
+
+
+def curve_anytime(curve: Curve) -> tuple[float | None, float | None]:
+    """The curve's Anytime Index (``stats.anytime_index``) per generation and per token; None where
+    the curve has one point, or (per token) rows without token counts."""
+    per_generation = anytime_index([(r.budget, r.accuracy) for r in curve.rows])
+    placed = [(r.tokens, r.accuracy) for r in curve.rows if r.tokens is not None]
+    per_token = anytime_index(placed) if len(placed) == len(curve.rows) else None
+    return per_generation, per_token

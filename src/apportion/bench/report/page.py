@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from apportion.bench.report.curves import Curve, _curve_label, point_label
+from apportion.bench.report.curves import Curve, _curve_label, curve_anytime, point_label
 from apportion.bench.report.summary import Row, Summary, _subtitle
 
 CSS = """
@@ -41,6 +41,8 @@ def render_html(summary: Summary, curves: Sequence[Curve], frontier: Sequence[Ro
         *(_embedded_png(p) for p in plots),
         "<h2>All rows</h2>",
         _rows_table(curves, frontier),
+        "<h2>Anytime index</h2>",
+        _anytime_table(curves),
         "<h2>Pareto frontier</h2>",
         _frontier_table(frontier, curves),
     ]
@@ -84,7 +86,8 @@ def _embedded_png(path: Path) -> str:
 ROW_HEADERS = ("system", "algorithm", "scorer", "budget", "mode", "accuracy [95% CI]", "± std (orders)",
                "in tokens", "out tokens", "$ / question", "wall s", "errors")
 FRONTIER_HEADERS = ("point", "curve", "budget", "mean tokens", "accuracy [95% CI]")
-NUMERIC = {"budget", "mean tokens", "accuracy [95% CI]", "± std (orders)", "in tokens", "out tokens", "$ / question",
+NUMERIC = {"budget", "pp per generation", "pp per 1k tokens",
+           "mean tokens", "accuracy [95% CI]", "± std (orders)", "in tokens", "out tokens", "$ / question",
            "wall s", "errors"}
 
 
@@ -119,6 +122,34 @@ def _row_cells(row: Row) -> list[str]:
     return [row.system, row.algorithm, row.scorer or "—", str(row.budget), row.mode or "—", _accuracy_ci(row),
             _spread(row), _tokens(row.input_tokens), _tokens(row.output_tokens), _usd(row.usd), _wall(row),
             str(row.errors)]
+
+
+ANYTIME_HEADERS = ("curve", "budgets", "pp per generation", "pp per 1k tokens")
+
+
+def _anytime_table(curves: Sequence[Curve]) -> str:
+    lines = []
+    for curve in curves:
+        if len(curve.rows) < 2:
+            continue
+        per_generation, per_token = curve_anytime(curve)
+        cells = [", ".join(str(r.budget) for r in curve.rows), _signed(per_generation, 100),
+                 _signed(per_token, 100_000)]
+        rendered = "".join(_td(h, v) for h, v in zip(ANYTIME_HEADERS[1:], cells))
+        lines.append(f"<tr><td>{_swatch(curve.color)}{html.escape(curve.label)}</td>{rendered}</tr>")
+    if not lines:
+        return '<p class="note">No curve has two budgets, so none has an Anytime Index.</p>'
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ANYTIME_HEADERS)
+    note = ('<p class="note">Anytime Index (seed 001): AI = (1/|B|) Σ ΔQ(b)/Δb, the accuracy Q gained per unit '
+            "of budget b between neighbouring budgets of the curve, averaged over its |B| increments; in "
+            "percentage points per generation, and per 1,000 mean tokens per question. Higher: accuracy comes "
+            "sooner. It depends on the budget grid, so compare curves measured at the same budgets; “—” where "
+            "the rows have no token counts.</p>")
+    return f'<table id="anytime"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>\n{note}'
+
+
+def _signed(value: float | None, scale: float) -> str:
+    return "—" if value is None else f"{scale * value:+.3f}"
 
 
 def _frontier_table(frontier: Sequence[Row], curves: Sequence[Curve]) -> str:
