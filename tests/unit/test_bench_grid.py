@@ -1,5 +1,6 @@
 """The benchmark grid and its run directory, on a scripted backend whose answers follow known odds."""
 
+import itertools
 import json
 import math
 import random
@@ -8,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from apportion.algorithms.base import SamplingOptions
-from apportion.banks import Problem, SampleBank
+from apportion.banks import BankEntry, BankSample, Problem, SampleBank
 from apportion.bench.grid import GridOptions
 from apportion.bench.harness import BenchSpec, run_bench
 from apportion.bench.stats import anytime_index, mean_interval, wilson
@@ -159,6 +160,25 @@ def test_anytime_index_by_hand():
     assert anytime_index([(0, 0.2), (0, 0.3)]) is None  # no token counts: no increment to divide by
 
 
+def test_pass_at_k_and_the_oracle_curve_by_hand():
+    from apportion.bench.oracle import oracle_curve, pass_at_k
+
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3, 2) / C(4, 2)
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 4, 1) == 1.0
+    # one right sample of four, then none of four: pass@k is k/4 for the first, 0 for the second
+    right, wrong = Problem("a", "q1", "7"), Problem("b", "q2", "9")
+    bank = SampleBank([
+        BankEntry(right, tuple(BankSample(f"t{i}", a, t) for i, (a, t) in
+                               enumerate(zip(["7", "3", None, "3"], [10, 20, 30, 40]))), 7),
+        BankEntry(wrong, tuple(BankSample("t", "1", 5) for _ in range(4)), 9)])
+    points = oracle_curve(bank)
+    assert [p.budget for p in points] == [1, 2, 3, 4]
+    assert [p.accuracy for p in points] == pytest.approx([0.125, 0.25, 0.375, 0.5])
+    # k samples of mean output 25 and 5; the prompts (7 and 9) read once
+    assert [p.output_tokens for p in points] == pytest.approx([15, 30, 45, 60])
+    assert {p.input_tokens for p in points} == {8}
+
+
 def test_intervals():
     low, high = wilson(0, 10)
     assert low == 0 and 0.25 < high < 0.35
@@ -238,6 +258,18 @@ async def test_stopping_rules_replay_with_the_live_code_beside_the_full_bank(tmp
     esc_row = next(r for r in outcome.rows if r.algorithm == "self-consistency --stop esc:window=2")
     full = next(r for r in outcome.rows if r.algorithm == "self-consistency" and r.budget == 4)
     assert esc_row.output_tokens <= full.output_tokens and "samples per question" in esc_row.notes[0]
+    # the generations it used, as a number beside the note's text; its share of the full budget's tokens
+    assert esc_row.generations is not None and 1 <= esc_row.generations <= 4
+    assert f"{esc_row.generations:.2f} of 4 samples" in esc_row.notes[0]
+    share = 100 * esc_row.output_tokens / full.output_tokens
+    assert esc_row.notes[1].startswith(f"{share:.1f}% of the full budget's output tokens")
+    # the oracle ceiling of the bank: pass@k at every k, over the tokens uniform sampling spends there
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    oracle = summary["oracle"]["points"]
+    assert [p["budget"] for p in oracle] == [1, 2, 3, 4]
+    assert all(a["accuracy"] <= b["accuracy"] for a, b in itertools.pairwise(oracle))
+    assert oracle[3]["output_tokens"] == pytest.approx(full.output_tokens)
+    assert oracle[3]["accuracy"] >= full.accuracy
     # the first order of the row is a live run of the algorithm on the replay backend with that seed
     bank = SampleBank.load(tmp_path / "run" / "bank.jsonl")
     live = ReplayBackend(bank, seed=opts.seed)

@@ -232,6 +232,68 @@ def test_anytime_index_needs_two_budgets_and_token_counts(tmp_path: Path) -> Non
     assert tables["anytime"] == [["apportion: self-consistency", "1, 2, 4, 8, 16", "+1.703", "—"]]
 
 
+def stop_summary(tokens: bool = True) -> dict[str, Any]:
+    """The fixture with an ESC row at the full budget of 16 and the bank's oracle curve: ESC used 4 of
+    16 generations, so 4 x 310.4 of SC@16's 16 x 310.4 output tokens."""
+    summary = fixture_summary()
+    full = summary["rows"][4]
+    assert (full["algorithm"], full["budget"], full["output_tokens"]) == ("self-consistency", 16, 4966.4)
+    summary["rows"].append({**full, "algorithm": "self-consistency --stop esc:window=2", "accuracy": 0.35,
+                            "ci_low": 0.284, "ci_high": 0.416, "output_tokens": 1241.6, "tokens": 1337.6,
+                            "generations": 4.0, "by_level": {}})
+    summary["oracle"] = {"rule": "pass@k", "points": [
+        {"budget": k, "accuracy": 0.215 + 0.025 * k, "input_tokens": 96.0, "output_tokens": 310.4 * k,
+         "tokens": 96.0 + 310.4 * k} for k in range(1, 17)]}
+    if not tokens:  # a bank without token counts (the shared MATH bank)
+        for row in [*summary["rows"], *summary["oracle"]["points"]]:
+            row["tokens"] = row["input_tokens"] = row["output_tokens"] = 0.0
+    return summary
+
+
+def test_stopping_rules_get_their_plot_and_table_beside_the_uniform_curve(tmp_path: Path) -> None:
+    files = write_report(write_run(tmp_path, stop_summary()))
+    assert [p.name for p in files.plots] == [*PLOTS[:3], "stopping.png", "by_level.png"]
+    data = (files.out_dir / "stopping.png").read_bytes()
+    assert png_size(data) == (1440, 672) and len(data) > 20_000  # two panels: generations and tokens
+    tables = read_tables(files.html.read_text())
+    assert tables["stopping"] == [["apportion: self-consistency --stop esc:window=2", "35.0% [28.4, 41.6]",
+                                   "35.5% [28.9, 42.1]", "-0.5 pp", "4.00 of 16 (25.0%)", "1,241.6", "25.0%",
+                                   "61.5% @16"]]
+    # the rule's row is a point, not a curve: it has no Anytime Index
+    assert "apportion: self-consistency --stop esc:window=2" not in [r[0] for r in tables["anytime"]]
+
+
+def test_a_stop_row_sits_at_the_generations_it_used() -> None:
+    summary = load_summary_dict(stop_summary())
+    row = summary.rows[-1]
+    assert (row.stop_rule, row.base_algorithm, row.budget, row.mean_generations) == (
+        "esc:window=2", "self-consistency", 16, 4.0)
+    assert summary.rows[0].stop_rule is None and summary.rows[0].mean_generations == 1.0
+    assert [p.budget for p in summary.oracle] == list(range(1, 17))
+
+
+def test_without_token_counts_the_share_is_not_0_over_0(tmp_path: Path) -> None:
+    files = write_report(write_run(tmp_path, stop_summary(tokens=False)))
+    assert "stopping.png" in [p.name for p in files.plots]
+    assert png_size((files.out_dir / "stopping.png").read_bytes()) == (1440, 672)
+    row = read_tables(files.html.read_text())["stopping"][0]
+    assert row[4:7] == ["4.00 of 16 (25.0%)", "0.0", "—"]
+
+
+def test_the_share_falls_back_on_the_oracle_without_a_uniform_row_at_full_budget(tmp_path: Path) -> None:
+    summary = stop_summary()
+    summary["rows"] = [r for r in summary["rows"] if not (r["algorithm"] == "self-consistency" and r["budget"] == 16)]
+    row = read_tables(write_report(write_run(tmp_path, summary)).html.read_text())["stopping"][0]
+    assert row[2:4] == ["—", "—"] and row[6] == "25.0%"  # 1241.6 of the oracle's 16 x 310.4
+
+
+def load_summary_dict(summary: dict[str, Any]) -> Any:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_summary(write_run(Path(tmp), summary))
+
+
 def test_page_escapes_everything_taken_from_the_summary(tmp_path: Path) -> None:
     summary = fixture_summary()
     summary["model"] = "<script>alert(1)</script>"

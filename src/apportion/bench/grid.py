@@ -106,6 +106,8 @@ class Row:
     errors: int = 0
     by_level: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    generations: float | None = None
+    """Mean generations per question, where it differs from the budget (a stopping rule's row)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -135,7 +137,7 @@ class QuestionOutcome:
 def make_row(system: str, algorithm: str, scorer: str | None, budget: int, mode: str,
              outcomes: Sequence[QuestionOutcome], wall: float, wall_estimated: bool,
              accuracy_std: float | None = None, orders: int | None = None,
-             notes: Sequence[str] = ()) -> Row:
+             notes: Sequence[str] = (), generations: float | None = None) -> Row:
     """A summary row from per-question outcomes; errors count as wrong (the question was asked)."""
     rates = [o.right for o in outcomes]
     low, high = mean_interval(rates)
@@ -149,7 +151,7 @@ def make_row(system: str, algorithm: str, scorer: str | None, budget: int, mode:
     return Row(system, algorithm, scorer, budget, mode, len(outcomes), mean(rates), low, high, accuracy_std,
                orders, input_tokens, output_tokens, input_tokens + output_tokens,
                mean([o.usd for o in outcomes]), wall, wall_estimated,
-               sum(1 for o in outcomes if o.error), _levels(levels), tuple(notes))
+               sum(1 for o in outcomes if o.error), _levels(levels), tuple(notes), generations)
 
 
 def _levels(levels: dict[str, list[float]]) -> dict[str, dict[str, float]]:

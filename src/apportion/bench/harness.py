@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,6 +32,7 @@ from apportion.bench.grid import (
     live_cell,
     replay_cells,
 )
+from apportion.bench.oracle import OraclePoint, oracle_curve
 from apportion.bench.peers import PeerRun, peer, peer_rows
 from apportion.bench.stats import anytime_index
 from apportion.bench.stop_cells import stop_cell
@@ -153,6 +154,7 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
     rows: list[Row] = []
     failures: list[str] = []
     skipped: list[str] = []
+    oracle = oracle_curve(bank, eq) if bank is not None else []
     try:
         price = spec.price or (backend.price if backend is not None else Price())
         for algorithm in replayed:
@@ -171,6 +173,7 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
                     continue
                 row, outcomes = await stop_cell(bank, algorithm, rule, orders=options.orders, seed=options.seed,
                                                 price=price, sampling=options.sampling, equivalence=eq)
+                row = replace(row, notes=(*row.notes, _token_share(row, oracle)))
                 rows.append(row)
                 sinks.record(row, outcomes)
         for algorithm in live:
@@ -193,11 +196,22 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
         sinks.close()
         # written whatever happened to the peers: the cells already run are never lost
         summary = _summary(spec, backend, bank, rows, time.monotonic() - started)
+        summary["oracle"] = {"rule": "pass@k", "points": [p.to_dict() for p in oracle]} if oracle else None
         summary["peer_failures"] = failures
         summary["skipped"] = skipped
         (spec.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
     return BenchOutcome(summary, rows)
+
+
+def _token_share(row: Row, oracle: Sequence[OraclePoint]) -> str:
+    """The share of the full budget's output tokens a stop row used: uniform sampling at the row's
+    budget spends ``oracle``'s tokens at that budget (the same samples, all of them)."""
+    full = next((p.output_tokens for p in oracle if p.budget == row.budget), 0.0)
+    if full <= 0:
+        return "the bank has no token counts, so no share of the full budget's tokens"
+    return (f"{100 * row.output_tokens / full:.1f}% of the full budget's output tokens "
+            f"({row.output_tokens:.0f} of {full:.0f} per question)")
 
 
 async def _draw(spec: BenchSpec, backend: Backend, progress: Progress | None) -> SampleBank:

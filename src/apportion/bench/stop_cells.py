@@ -58,7 +58,8 @@ async def stop_cell(bank: SampleBank, algorithm: str, rule: StopRule, *, orders:
             f"on average ({100 * statistics.fmean(used) / bank.k:.1f}%)")
     row = make_row("apportion", f"{name} --stop {rule.describe()}", None if name == "self-consistency" else
                    "self-certainty", bank.k, "replay", outcomes, replay_wall(bank, outcomes), True,
-                   statistics.pstdev(per_order) if orders > 1 else None, orders, [note])
+                   statistics.pstdev(per_order) if orders > 1 else None, orders, [note],
+                   generations=statistics.fmean(used))
     return row, outcomes
 
 

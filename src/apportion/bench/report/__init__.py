@@ -7,6 +7,9 @@ The input is the ``summary.json`` that ``apportion bench`` writes. Rows sharing
 - ``accuracy_vs_tokens.png``: the same curves against mean tokens per question, the honest
   x-axis, since algorithms and peers spend very different tokens per generation;
 - ``pareto.png``: every point, with the frontier of best accuracy for at most that many tokens;
+- ``stopping.png``: the stopping rules' rows (``apportion bench --stop``) as points beside the uniform
+  curve they stop early and under the oracle ceiling (pass@k), against mean generations and mean
+  tokens, written only when the run has such rows;
 - ``by_level.png``: accuracy per difficulty level at each curve's largest budget, written only
   when the dataset has levels.
 
@@ -18,7 +21,8 @@ or attached to an issue. Figures are drawn on ``matplotlib.figure.Figure`` with 
 never through pyplot, so building a report leaves no global figure state behind.
 
 The package: ``summary`` reads and checks ``summary.json`` into dataclasses, ``curves`` groups its rows
-into curves and names their points, ``frontier`` finds the Pareto frontier, ``plots`` (with ``labels``,
+into curves and names their points, ``frontier`` finds the Pareto frontier, ``stopping`` sets each
+stopping rule's row beside its uniform curve, ``plots`` (with ``labels``,
 which places the frontier's labels) draws the PNGs, and ``page`` writes the HTML. This module holds
 ``write_report``, which ties them together, and re-exports the public names.
 """
@@ -39,17 +43,19 @@ from apportion.bench.report.plots import (
     plot_accuracy_vs_tokens,
     plot_by_level,
     plot_pareto,
+    plot_stopping,
 )
+from apportion.bench.report.stopping import StopFigure, stop_figures
 from apportion.bench.report.summary import LevelFigure, Row, Summary, load_summary
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType
 
 __all__ = [
-    "Curve", "LevelFigure", "ReportFiles", "Row", "Summary",
+    "Curve", "LevelFigure", "ReportFiles", "Row", "StopFigure", "Summary",
     "build_curves", "curve_anytime", "frontier_rows", "load_summary",
-    "pareto_frontier", "point_label", "render_html", "write_report",
-    "plot_accuracy_vs_budget", "plot_accuracy_vs_tokens", "plot_by_level", "plot_pareto",
+    "pareto_frontier", "point_label", "render_html", "stop_figures", "write_report",
+    "plot_accuracy_vs_budget", "plot_accuracy_vs_tokens", "plot_by_level", "plot_pareto", "plot_stopping",
 ]
 
 STYLE: dict[RcKeyType, Any] = {
@@ -90,9 +96,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
         if frontier:
             plots.append(plot_accuracy_vs_tokens(summary, curves, out / "accuracy_vs_tokens.png"))
             plots.append(plot_pareto(summary, curves, frontier, out / "pareto.png"))
+        stops = stop_figures(summary, curves)
+        stopping = plot_stopping(summary, stops, out / "stopping.png")
         by_level = plot_by_level(summary, curves, out / "by_level.png")
-    if by_level is not None:
-        plots.append(by_level)
+    plots += [p for p in (stopping, by_level) if p is not None]
     page = out / "report.html"
-    page.write_text(render_html(summary, curves, frontier, plots), encoding="utf-8")
+    page.write_text(render_html(summary, curves, frontier, plots, stops), encoding="utf-8")
     return ReportFiles(out_dir=out, html=page, plots=tuple(plots))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from apportion.bench.report.curves import Curve, _curve_label, curve_anytime, point_label
+from apportion.bench.report.stopping import StopFigure
 from apportion.bench.report.summary import Row, Summary, _subtitle
 
 CSS = """
@@ -29,7 +30,8 @@ figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; border: 1
 """
 
 
-def render_html(summary: Summary, curves: Sequence[Curve], frontier: Sequence[Row], plots: Sequence[Path]) -> str:
+def render_html(summary: Summary, curves: Sequence[Curve], frontier: Sequence[Row], plots: Sequence[Path],
+                stops: Sequence[StopFigure] = ()) -> str:
     e = html.escape
     title = f"apportion report: {summary.run}"
     sections = [
@@ -41,6 +43,7 @@ def render_html(summary: Summary, curves: Sequence[Curve], frontier: Sequence[Ro
         *(_embedded_png(p) for p in plots),
         "<h2>All rows</h2>",
         _rows_table(curves, frontier),
+        *(["<h2>Stopping rules</h2>", _stopping_table(stops)] if stops else []),
         "<h2>Anytime index</h2>",
         _anytime_table(curves),
         "<h2>Pareto frontier</h2>",
@@ -86,7 +89,8 @@ def _embedded_png(path: Path) -> str:
 ROW_HEADERS = ("system", "algorithm", "scorer", "budget", "mode", "accuracy [95% CI]", "± std (orders)",
                "in tokens", "out tokens", "$ / question", "wall s", "errors")
 FRONTIER_HEADERS = ("point", "curve", "budget", "mean tokens", "accuracy [95% CI]")
-NUMERIC = {"budget", "pp per generation", "pp per 1k tokens",
+NUMERIC = {"budget", "pp per generation", "pp per 1k tokens", "uniform at full budget", "Δ accuracy",
+           "generations used", "share of full-budget tokens", "oracle pass@k",
            "mean tokens", "accuracy [95% CI]", "± std (orders)", "in tokens", "out tokens", "$ / question",
            "wall s", "errors"}
 
@@ -122,6 +126,30 @@ def _row_cells(row: Row) -> list[str]:
     return [row.system, row.algorithm, row.scorer or "—", str(row.budget), row.mode or "—", _accuracy_ci(row),
             _spread(row), _tokens(row.input_tokens), _tokens(row.output_tokens), _usd(row.usd), _wall(row),
             str(row.errors)]
+
+
+STOP_HEADERS = ("rule", "accuracy [95% CI]", "uniform at full budget", "Δ accuracy", "generations used",
+                "out tokens", "share of full-budget tokens", "oracle pass@k")
+
+
+def _stopping_table(stops: Sequence[StopFigure]) -> str:
+    lines = []
+    for f in stops:
+        uniform = f.uniform_row
+        delta = "—" if uniform is None else f"{100 * (f.row.accuracy - uniform.accuracy):+.1f} pp"
+        cells = [_accuracy_ci(f.row), "—" if uniform is None else _accuracy_ci(uniform), delta,
+                 f"{f.row.mean_generations:.2f} of {f.row.budget} ({_pct(f.generation_share)})",
+                 _tokens(f.row.output_tokens), "—" if f.token_share is None else _pct(f.token_share),
+                 "—" if f.oracle is None else f"{_pct(f.oracle.accuracy)} @{f.oracle.budget}"]
+        rendered = "".join(_td(h, v) for h, v in zip(STOP_HEADERS[1:], cells))
+        lines.append(f"<tr><td>{_swatch(f.curve.color)}{html.escape(f.curve.label)}</td>{rendered}</tr>")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in STOP_HEADERS)
+    note = ('<p class="note">Each rule ran the algorithm under the full budget (the bank\'s samples per question) '
+            "and stopped when it chose; its accuracy is set beside the same algorithm spending that whole budget. "
+            "The token share is the rule's mean output tokens over the full budget's (the uniform row's, else "
+            "all the bank's samples'); “—” where the rows have no token counts. The oracle counts a question "
+            "right when any of its first k samples is right: no selection can beat it with k samples.</p>")
+    return f'<table id="stopping"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>\n{note}'
 
 
 ANYTIME_HEADERS = ("curve", "budgets", "pp per generation", "pp per 1k tokens")

@@ -20,7 +20,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 from apportion.bench.report.curves import Curve
 from apportion.bench.report.frontier import _placed_tokens, _plottable_tokens
 from apportion.bench.report.labels import _label_frontier, _pad_log_x
-from apportion.bench.report.summary import Row, Summary, _subtitle
+from apportion.bench.report.stopping import StopFigure, uniform_curves
+from apportion.bench.report.summary import OraclePoint, Row, Summary, _subtitle
 
 DPI = 120
 
@@ -98,14 +99,16 @@ def _plot_curves(ax: Axes, curves: Sequence[Curve], x_of: Callable[[Row], float 
 
 def plot_accuracy_vs_budget(summary: Summary, curves: Sequence[Curve], path: Path) -> Path:
     fig, ax = _figure()
-    _plot_curves(ax, curves, lambda r: r.budget)
+    # a stopping rule's row sits at the generations it used, not at the budget it was allowed
+    _plot_curves(ax, curves, lambda r: r.mean_generations)
     budgets = sorted({r.budget for c in curves for r in c.rows})
     ax.set_xscale("log", base=2)
     # every budget gets a tick when they are few (the usual powers of two); many would overprint
     ax.set_xticks(budgets if len(budgets) <= 12 else [2**k for k in range(int(math.log2(budgets[-1])) + 1)])
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("budget (generations per question, log scale)")
+    ax.set_xlabel("budget (generations per question, log scale)" if not any(r.stop_rule for c in curves for r in c.rows)
+                  else "generations per question (the budget; a stopping rule's: the mean it used), log scale")
     ax.set_ylabel("accuracy (shaded: 95% CI over questions)")
     return _finish(fig, ax, summary, "Accuracy vs budget", path)
 
@@ -162,6 +165,63 @@ def _scatter_points(ax: Axes, curves: Sequence[Curve], frontier: Sequence[Row]) 
         # the scatter's own legend entry would take the alpha of its first point, often a faded one
         handles.append(Line2D([], [], linestyle="none", marker=curve.marker, color=curve.color, label=curve.label))
     return handles
+
+
+def plot_stopping(summary: Summary, figures: Sequence[StopFigure], path: Path) -> Path | None:
+    """Stopping rules as points beside the uniform curves they stop early, under the oracle ceiling
+    (pass@k), against mean generations and, where the rows have token counts, mean tokens."""
+    if not figures:
+        return None
+    uniform = uniform_curves(figures)
+    tokens = all(_plottable_tokens(f.row) for f in figures) and all(
+        _plottable_tokens(r) for c in uniform for r in c.rows)
+    fig = Figure(figsize=(12.0, 5.6), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True) if tokens else [fig.add_subplot()]
+    panels: list[tuple[Axes, Callable[[Row], float | None], Callable[[OraclePoint], float | None]]] = [
+        (axes[0], lambda r: r.mean_generations, lambda p: float(p.budget))]
+    if tokens:
+        panels.append((axes[1], lambda r: r.tokens, lambda p: p.tokens if p.tokens else None))
+    handles: list[Artist] = []
+    for ax, x_of, oracle_x in panels:
+        ax.grid(True, which="major", alpha=0.3)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{round(100 * v, 6):g}%"))
+        oracle = [(x, p.accuracy) for p in summary.oracle if (x := oracle_x(p)) is not None]
+        points: list[Artist] = []
+        if oracle:
+            ax.plot([x for x, _ in oracle], [y for _, y in oracle], color="black", linestyle="--",
+                             linewidth=1.4, zorder=2, label="oracle ceiling: pass@k (any of the first k right)")
+        _plot_curves(ax, uniform, x_of)
+        for f in figures:
+            x = x_of(f.row)
+            if x is None:
+                continue
+            ax.errorbar([x], [f.row.accuracy], yerr=_yerr(f.row), fmt=f.curve.marker, color=f.curve.color,
+                        markersize=9, markeredgecolor="black", markeredgewidth=0.6, capsize=3, zorder=5)
+            points.append(Line2D([], [], linestyle="none", marker=f.curve.marker, color=f.curve.color,
+                                 markeredgecolor="black", markersize=8, label=f.curve.label))
+        if not handles:  # both panels show the same things: one legend for the figure
+            handles = [*ax.get_legend_handles_labels()[0], *points]
+        _clamp_percent_axis(ax)
+    generations_ax = panels[0][0]
+    generations_ax.set_xscale("log", base=2)
+    generations_ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    generations_ax.set_xlabel("mean generations per question (log scale)")
+    generations_ax.set_ylabel("accuracy")
+    if tokens:
+        _log_tokens_axis(panels[1][0])
+    fig.suptitle("Stopping rules beside uniform sampling, under the oracle ceiling", fontweight="bold")
+    generations_ax.set_title(_subtitle(summary), color="#444444")
+    labels = [str(h.get_label()) for h in handles]
+    fig.legend(handles=handles, loc="outside lower center", ncols=_legend_columns(labels), frameon=False)
+    fig.savefig(path, dpi=DPI, format="png", facecolor="white")
+    return path
+
+
+def _yerr(row: Row) -> list[list[float]] | None:
+    if row.ci_low is None or row.ci_high is None:
+        return None
+    return [[max(0.0, row.accuracy - row.ci_low)], [max(0.0, row.ci_high - row.accuracy)]]
 
 
 def plot_by_level(summary: Summary, curves: Sequence[Curve], path: Path) -> Path | None:

@@ -17,6 +17,7 @@ from apportion.errors import ConfigError
 
 SUMMARY_NAME = "summary.json"
 SUPPORTED_VERSION = 1
+STOP_MARK = " --stop "
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,32 @@ class Row:
     wall_estimated: bool
     errors: int
     by_level: dict[str, LevelFigure]
+    generations: float | None = None
+    """Mean generations per question where the row says (a stopping rule's row: fewer than its budget)."""
+
+    @property
+    def stop_rule(self) -> str | None:
+        """The stopping rule of a row ``apportion bench --stop`` added (``<algorithm> --stop <rule>``)."""
+        return self.algorithm.split(STOP_MARK, 1)[1] if STOP_MARK in self.algorithm else None
+
+    @property
+    def base_algorithm(self) -> str:
+        """The algorithm a stopping rule's row stopped (the algorithm itself for any other row)."""
+        return self.algorithm.split(STOP_MARK, 1)[0]
+
+    @property
+    def mean_generations(self) -> float:
+        return self.generations if self.generations is not None else float(self.budget)
+
+
+@dataclass(frozen=True, slots=True)
+class OraclePoint:
+    """pass@k of the run's bank: a question is right when any of its first k samples is."""
+
+    budget: int
+    accuracy: float
+    tokens: float | None
+    output_tokens: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +90,7 @@ class Summary:
     questions: int | None
     config: dict[str, Any]
     rows: tuple[Row, ...]
+    oracle: tuple[OraclePoint, ...] = ()
 
 
 def load_summary(run_dir: str | Path) -> Summary:
@@ -101,7 +129,28 @@ def _summary(data: Mapping[str, Any], path: Path) -> Summary:
         questions=_int_or_none(data.get("questions"), f"{path}: 'questions'"),
         config=config,
         rows=tuple(_row(raw, i, path) for i, raw in enumerate(raw_rows)),
+        oracle=_oracle(data.get("oracle"), path),
     )
+
+
+def _oracle(raw: Any, path: Path) -> tuple[OraclePoint, ...]:
+    if raw is None:
+        return ()
+    points = raw.get("points") if isinstance(raw, dict) else None
+    if not isinstance(points, list):
+        raise ConfigError(f"{path}: 'oracle' must be an object with a list of 'points'")
+    out = []
+    for i, point in enumerate(points):
+        where = f"{path}: oracle point {i}"
+        if not isinstance(point, dict):
+            raise ConfigError(f"{where} must be an object")
+        budget = _int_or_none(point.get("budget"), f"{where}: 'budget'")
+        accuracy = _float_or_none(point.get("accuracy"), f"{where}: 'accuracy'")
+        if budget is None or budget < 1 or accuracy is None:
+            raise ConfigError(f"{where} needs a positive 'budget' and an 'accuracy'")
+        out.append(OraclePoint(budget, accuracy, _float_or_none(point.get("tokens"), f"{where}: 'tokens'"),
+                               _float_or_none(point.get("output_tokens"), f"{where}: 'output_tokens'")))
+    return tuple(sorted(out, key=lambda p: p.budget))
 
 
 def _row(raw: Any, index: int, path: Path) -> Row:
@@ -145,6 +194,7 @@ def _row(raw: Any, index: int, path: Path) -> Row:
         wall_estimated=bool(raw.get("wall_estimated", False)),
         errors=_int_or_none(raw.get("errors"), f"{where}: 'errors'") or 0,
         by_level=_levels(raw.get("by_level"), where),
+        generations=num("generations"),
     )
 
 
