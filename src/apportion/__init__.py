@@ -10,9 +10,13 @@ from apportion.algorithms import (
     Algorithm,
     BestOfN,
     BestOfNOptions,
+    BudgetForcing,
+    BudgetForcingOptions,
+    ChainOfDraft,
     SamplingOptions,
     SelfConsistency,
     SelfConsistencyOptions,
+    Tale,
     make_algorithm,
 )
 from apportion.answers import Equivalence, extract_answer, normalize_answer
@@ -42,10 +46,11 @@ from apportion.reward import JudgeOptions, LLMJudge, SelfCertainty
 
 __all__ = [
     "Algorithm", "ApportionError", "Backend", "BackendError", "BackendUnavailable", "BestOfN",
-    "BestOfNOptions", "Budget", "BudgetError", "BudgetExhausted", "Candidate", "ConfigError",
+    "BestOfNOptions", "Budget", "BudgetError", "BudgetExhausted", "BudgetForcing", "BudgetForcingOptions",
+    "Candidate", "ChainOfDraft", "ConfigError",
     "EmbeddedOptions", "Equivalence", "HTTPOptions", "JudgeOptions", "LLMJudge", "Ledger",
     "LlamaEmbeddedBackend", "MeteredLM", "ModelNotFound", "OpenAIHTTPBackend", "Price", "PriceTable",
     "Prompt", "Result", "SamplingOptions", "SamplingParams", "ScriptedBackend", "SelfCertainty",
-    "SelfConsistency", "SelfConsistencyOptions", "Spend", "Usage", "extract_answer", "make_algorithm",
+    "SelfConsistency", "SelfConsistencyOptions", "Spend", "Tale", "Usage", "extract_answer", "make_algorithm",
     "normalize_answer",
 ]

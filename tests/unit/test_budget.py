@@ -131,7 +131,7 @@ def test_scorer_calls_do_not_use_generations_but_pay_tokens():
     ledger = Ledger(Budget(generations=2, total_tokens=1000))
     g = ledger.reserve(Ask(n=2, max_tokens=10, prompt_tokens=10))
     ledger.settle(g, Usage(2, 10, 20))
-    judge = ledger.reserve(Ask(n=1, max_tokens=10, prompt_tokens=50, scorer=True))
+    judge = ledger.reserve(Ask(n=1, max_tokens=10, prompt_tokens=50, kind="scorer"))
     assert judge is not None
     ledger.settle(judge, Usage(1, 50, 5))
     spend = ledger.spend()

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from apportion._sync import run_sync
+from apportion.algorithms.prompting import PromptMode, apply_prompt_mode
 from apportion.algorithms.stopping import Seen, StopRule
 from apportion.answers.equivalence import Equivalence
 from apportion.answers.extract import read_answer
@@ -52,6 +53,9 @@ class SamplingOptions:
     logprobs: bool = True
     top_logprobs: int = 0
     """Keep per-token confidences over this many alternatives (confidence rules ask for more)."""
+    prompt_mode: PromptMode | None = None
+    """Reword the question to spend fewer tokens per answer: ``Tale`` or ``ChainOfDraft``
+    (``algorithms/prompting.py``); None is the plain prompt."""
 
     def __post_init__(self) -> None:
         SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -83,6 +87,13 @@ class RunContext:
     @property
     def ledger(self) -> Ledger:
         return self.lm.ledger
+
+    async def apply_prompt_mode(self, mode: PromptMode | None) -> None:
+        """Reword ``prompt`` for ``mode`` before any sample is drawn (a TALE estimate asked of the
+        model is charged to this run as planning)."""
+        if mode is not None:
+            self.prompt, notes = await apply_prompt_mode(mode, self.lm, self.prompt, self.question, self.seed)
+            self.notes.extend(notes)
 
     def fail(self, exc: BaseException) -> None:
         self.error = self.error or str(exc)

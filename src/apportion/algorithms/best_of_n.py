@@ -65,6 +65,7 @@ class BestOfN(Algorithm):
                 f"{lm.name} ({lm.model}) does not return; use the judge scorer instead"
             )
         ctx = self.context(lm, prompt, budget, seed, opts.system_prompt)
+        await ctx.apply_prompt_mode(opts.prompt_mode)
         candidates: list[Candidate] = []
         async for batch in sample_batches(ctx, opts, self.options.stopping, lambda: candidates):
             try:

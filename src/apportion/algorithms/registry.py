@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from apportion.algorithms.base import Algorithm, SamplingOptions
 from apportion.algorithms.best_of_n import BestOfN, BestOfNOptions
+from apportion.algorithms.budget_forcing import BudgetForcing, BudgetForcingOptions
 from apportion.algorithms.self_consistency import SelfConsistency, SelfConsistencyOptions
 from apportion.algorithms.stopping import StopRule
 from apportion.errors import ConfigError
@@ -27,19 +29,39 @@ def _weighted_best_of_n(sampling: SamplingOptions, scorer: OutcomeScorer | None,
     return BestOfN(BestOfNOptions(sampling, weighted=True, stopping=stopping), scorer=scorer)
 
 
+def _budget_forcing(sampling: SamplingOptions, scorer: OutcomeScorer | None,
+                    stopping: StopRule | None) -> Algorithm:
+    return _forcing(BudgetForcingOptions(), sampling, stopping)
+
+
+def _forcing(options: BudgetForcingOptions, sampling: SamplingOptions, stopping: StopRule | None) -> Algorithm:
+    if stopping is not None:
+        raise ConfigError("budget forcing takes no stopping rule: it sizes one solution's thinking, not a vote")
+    return BudgetForcing(replace(options, sampling=sampling))
+
+
 ALGORITHMS: dict[str, Factory] = {
     "self-consistency": _self_consistency,
     "best-of-n": _best_of_n,
     "weighted-best-of-n": _weighted_best_of_n,
+    "budget-forcing": _budget_forcing,
 }
 _ALIASES = {"sc": "self-consistency", "majority": "self-consistency", "bon": "best-of-n",
-            "weighted-bon": "weighted-best-of-n", "wbon": "weighted-best-of-n"}
+            "weighted-bon": "weighted-best-of-n", "wbon": "weighted-best-of-n", "s1": "budget-forcing",
+            "forcing": "budget-forcing"}
 
 
 def make_algorithm(name: str, sampling: SamplingOptions | None = None,
-                   scorer: OutcomeScorer | None = None, stopping: StopRule | None = None) -> Algorithm:
+                   scorer: OutcomeScorer | None = None, stopping: StopRule | None = None, *,
+                   forcing: BudgetForcingOptions | None = None) -> Algorithm:
+    """The algorithm called ``name``; ``forcing`` sets budget forcing's thinking limits and
+    markers (its ``sampling`` is replaced by ``sampling``)."""
     key = _ALIASES.get(name.lower(), name.lower())
     factory = ALGORITHMS.get(key)
     if factory is None:
         raise ConfigError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
+    if forcing is not None:
+        if key != "budget-forcing":
+            raise ConfigError(f"thinking-token limits and markers are budget forcing's settings, not {key}'s")
+        return _forcing(forcing, sampling or SamplingOptions(), stopping)
     return factory(sampling or SamplingOptions(), scorer, stopping)

@@ -38,6 +38,7 @@ class SelfConsistency(Algorithm):
                      seed: int | None = None) -> AsyncIterator[Result]:
         opts = self.options.sampling
         ctx = self.context(lm, prompt, budget, seed, opts.system_prompt)
+        await ctx.apply_prompt_mode(opts.prompt_mode)
         candidates: list[Candidate] = []
 
         def current(final: bool) -> Result:

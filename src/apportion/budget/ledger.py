@@ -23,6 +23,12 @@ from apportion.errors import BudgetError
 
 _grant_ids = itertools.count(1)
 
+CALL_KINDS = ("policy", "scorer", "continuation", "planning")
+"""What a call is for. "policy" samples answer the question and count as generations. The others
+are charged tokens, dollars and time and counted apart: "scorer" (judges), "continuation" (more of
+a solution already counted, as budget forcing makes), "planning" (a call that decides how to
+answer, such as TALE's token-budget estimate)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Ask:
@@ -35,14 +41,16 @@ class Ask:
     request pays for its prompt once, whatever its ``n``; samples drawn by separate requests are
     separate asks."""
     price: Price = field(default_factory=Price)
-    scorer: bool = False
-    """Scoring calls (judges) are charged tokens, dollars and time but not policy generations."""
+    kind: str = "policy"
+    """One of CALL_KINDS: only "policy" samples are limited by (and count as) generations."""
     min_tokens: int = 1
     """Below this many output tokens a sample is not worth starting: refuse instead."""
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_tokens < 1 or self.prompt_tokens < 0 or self.min_tokens < 1:
             raise BudgetError(f"invalid ask: {self}")
+        if self.kind not in CALL_KINDS:
+            raise BudgetError(f"call kind must be one of {CALL_KINDS}, got {self.kind!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +63,7 @@ class Grant:
     worst: Usage
     worst_usd: Fraction
     price: Price
-    scorer: bool
+    kind: str
     clamped: bool
 
 
@@ -101,13 +109,19 @@ class CallRecord:
 class _Tally:
     generations: int = 0
     scorer_generations: int = 0
+    continuations: int = 0
+    planning_generations: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
     usd: Fraction = Fraction(0)
 
-    def add(self, usage: Usage, usd: Fraction, scorer: bool, sign: int = 1) -> None:
-        if scorer:
+    def add(self, usage: Usage, usd: Fraction, kind: str, sign: int = 1) -> None:
+        if kind == "scorer":
             self.scorer_generations += sign * usage.generations
+        elif kind == "continuation":
+            self.continuations += sign * usage.generations
+        elif kind == "planning":
+            self.planning_generations += sign * usage.generations
         else:
             self.generations += sign * usage.generations
         self.input_tokens += sign * usage.input_tokens
@@ -201,6 +215,8 @@ class Ledger:
             return Spend(
                 generations=s.generations,
                 scorer_generations=s.scorer_generations,
+                continuations=s.continuations,
+                planning_generations=s.planning_generations,
                 input_tokens=s.input_tokens,
                 output_tokens=s.output_tokens,
                 usd=s.usd,
@@ -223,7 +239,7 @@ class Ledger:
             n, max_tokens = fit
             if self.parent is not None:
                 upstream = self.parent.reserve(
-                    Ask(n, max_tokens, ask.prompt_tokens, ask.price, ask.scorer, ask.min_tokens)
+                    Ask(n, max_tokens, ask.prompt_tokens, ask.price, ask.kind, ask.min_tokens)
                 )
                 if upstream is None:
                     self.exhausted_reason = f"parent budget: {self.parent.exhausted_reason}"
@@ -233,9 +249,9 @@ class Ledger:
                 gid = next(_grant_ids)
             worst = worst_usage(n, max_tokens, ask.prompt_tokens)
             worst_usd = ask.price.cost(worst.input_tokens, worst.output_tokens)
-            grant = Grant(gid, n, max_tokens, worst, worst_usd, ask.price, ask.scorer,
+            grant = Grant(gid, n, max_tokens, worst, worst_usd, ask.price, ask.kind,
                           clamped=(n, max_tokens) != (ask.n, ask.max_tokens))
-            self._reserved.add(worst, worst_usd, ask.scorer)
+            self._reserved.add(worst, worst_usd, ask.kind)
             self._open[gid] = grant
             return grant
 
@@ -253,8 +269,8 @@ class Ledger:
         with self._lock:
             if self._open.pop(grant.id, None) is None:
                 raise BudgetError(f"grant {grant.id} settled twice or never reserved here")
-            self._reserved.add(grant.worst, grant.worst_usd, grant.scorer, sign=-1)
-            self._spent.add(usage, usd, grant.scorer)
+            self._reserved.add(grant.worst, grant.worst_usd, grant.kind, sign=-1)
+            self._spent.add(usage, usd, grant.kind)
             if over.calls:
                 self._overrun = self._overrun + over
             self._calls += 1
@@ -270,7 +286,7 @@ class Ledger:
         with self._lock:
             if self._open.pop(grant.id, None) is None:
                 raise BudgetError(f"grant {grant.id} released twice or never reserved here")
-            self._reserved.add(grant.worst, grant.worst_usd, grant.scorer, sign=-1)
+            self._reserved.add(grant.worst, grant.worst_usd, grant.kind, sign=-1)
         if self.parent is not None:
             self.parent.release(grant)
 
@@ -286,7 +302,7 @@ class Ledger:
         if rem.seconds is not None and rem.seconds <= 0:
             return "seconds: deadline reached"
         n_cap = ask.n
-        if not ask.scorer and rem.generations is not None:
+        if ask.kind == "policy" and rem.generations is not None:
             if rem.generations < 1:
                 return "generations: none left"
             n_cap = min(n_cap, rem.generations)

@@ -231,6 +231,11 @@ class Spend:
 
     generations: int = 0
     scorer_generations: int = 0
+    continuations: int = 0
+    """Continuation calls' pieces of solutions already counted in ``generations`` (budget
+    forcing): charged in tokens, dollars and time, never as generations."""
+    planning_generations: int = 0
+    """Calls that decide how to answer (TALE's token-budget estimate), charged like scorers."""
     input_tokens: int = 0
     output_tokens: int = 0
     usd: Fraction = Fraction(0)
@@ -261,6 +266,8 @@ class Spend:
         return {
             "generations": self.generations,
             "scorer_generations": self.scorer_generations,
+            "continuations": self.continuations,
+            "planning_generations": self.planning_generations,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "total_tokens": self.total_tokens,

@@ -168,13 +168,17 @@ class Sample:
     (temperature 1) distribution, of the tokens that were sampled; None where unavailable.
     ``confidences`` are per-token confidences (Fu et al. 2025): minus the mean log-probability of
     the ``top_logprobs`` most probable tokens at each position; None where not asked for or not
-    given. ``finish_reason`` "cut" is a sample its ``SamplingParams.cut`` ended mid-decode."""
+    given. ``finish_reason`` "cut" is a sample its ``SamplingParams.cut`` ended mid-decode.
+    ``reasoning`` is the thinking a reasoning server returns apart from the text (vLLM's
+    ``reasoning_content``): generated and counted in ``output_tokens``, not part of ``text``;
+    None where the server sent none."""
 
     text: str
     finish_reason: str
     output_tokens: int
     logprobs: tuple[float, ...] | None = None
     confidences: tuple[float, ...] | None = None
+    reasoning: str | None = None
 
     @property
     def mean_logprob(self) -> float | None:

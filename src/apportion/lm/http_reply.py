@@ -67,7 +67,8 @@ def _sample(choice: dict[str, Any], top_k: int) -> Sample:
     logprobs = _choice_logprobs(choice)
     finish = "length" if choice.get("finish_reason") == "length" else "stop"
     confidences = _choice_confidences(choice, top_k) if top_k else None
-    return Sample(_choice_text(choice), finish, len(logprobs) if logprobs else 0, logprobs, confidences)
+    return Sample(_choice_text(choice), finish, len(logprobs) if logprobs else 0, logprobs, confidences,
+                  _hidden_text(choice) or None)
 
 
 def _choice_confidences(choice: dict[str, Any], top_k: int) -> tuple[float, ...] | None:
@@ -129,7 +130,7 @@ def _upper_bound(choice: dict[str, Any], sample: Sample, params: SamplingParams)
     if sample.finish_reason == "length":
         return params.max_tokens
     stop = max((len(s.encode()) for s in params.stop), default=0)
-    text_bytes = len(sample.text.encode()) + len(_hidden_text(choice).encode())
+    text_bytes = len(sample.text.encode()) + len((sample.reasoning or "").encode())
     return min(params.max_tokens, text_bytes + stop + 1)
 
 

@@ -14,7 +14,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field, replace
 
-from apportion.budget.ledger import Ask, CallRecord, Grant, Ledger, overrun
+from apportion.budget.ledger import CALL_KINDS, Ask, CallRecord, Grant, Ledger, overrun
 from apportion.budget.units import Usage
 from apportion.errors import BackendError, BackendTimeout, BudgetExhausted, DeadlineReached
 from apportion.lm.base import Backend, Completion, Prompt, Sample, SamplingParams, cut_point
@@ -46,11 +46,13 @@ class _Draw:
 
 class MeteredLM:
     """``backend`` charged to ``ledger``. ``kind`` is "policy" for samples that answer the
-    question and "scorer" for judge calls (charged tokens, dollars and time, not generations)."""
+    question; "scorer" (judge calls), "continuation" (more of a solution already drawn: budget
+    forcing) and "planning" (TALE's budget estimate) are charged tokens, dollars and time, not
+    generations."""
 
     def __init__(self, backend: Backend, ledger: Ledger, *, kind: str = "policy") -> None:
-        if kind not in ("policy", "scorer"):
-            raise ValueError(f"kind must be 'policy' or 'scorer', got {kind!r}")
+        if kind not in CALL_KINDS:
+            raise ValueError(f"kind must be one of {CALL_KINDS}, got {kind!r}")
         self.backend = backend
         self.ledger = ledger
         self.kind = kind
@@ -58,6 +60,16 @@ class MeteredLM:
     def scorer(self, backend: Backend | None = None) -> MeteredLM:
         """The same ledger, charged as scoring, through ``backend`` (default: this one's)."""
         return MeteredLM(backend or self.backend, self.ledger, kind="scorer")
+
+    def continuation(self) -> MeteredLM:
+        """The same backend and ledger, charged as continuing solutions already counted: a
+        budget of one generation still pays for them, in tokens, dollars and time."""
+        return MeteredLM(self.backend, self.ledger, kind="continuation")
+
+    def planning(self) -> MeteredLM:
+        """The same backend and ledger, charged as planning (deciding how to answer, not an
+        answer): tokens, dollars and time, not generations."""
+        return MeteredLM(self.backend, self.ledger, kind="planning")
 
     async def generate(self, prompt: Prompt, params: SamplingParams, *, min_tokens: int = 1) -> Completion:
         """Up to ``params.n`` samples of at most ``params.max_tokens`` tokens each; fewer or
@@ -144,7 +156,7 @@ class MeteredLM:
         for size in sizes:
             grant = self.ledger.reserve(Ask(
                 n=size, max_tokens=params.max_tokens, prompt_tokens=prompt_tokens, price=self.backend.price,
-                scorer=self.kind == "scorer", min_tokens=min(min_tokens, params.max_tokens)))
+                kind=self.kind, min_tokens=min(min_tokens, params.max_tokens)))
             if grant is None:
                 break
             grants.append(grant)

@@ -21,11 +21,14 @@ from apportion.lm.base import Capabilities, Completion, Prompt, Sample, Sampling
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A scripted reply; ``logprobs`` default to -0.1 per token, or one value for all tokens."""
+    """A scripted reply; ``logprobs`` default to -0.1 per token, or one value for all tokens.
+    ``reasoning`` is thinking returned apart from the text, as reasoning servers do (its words
+    are tokens too, generated before the text)."""
 
     text: str
     logprob: float | None = -0.1
     error: BackendError | None = None
+    reasoning: str | None = None
 
 
 ReplyFn = Callable[[Prompt, SamplingParams, int, int], "str | Reply"]
@@ -101,14 +104,28 @@ class ScriptedBackend:
 
 
 def _sample(reply: Reply, params: SamplingParams) -> Sample:
-    text, finish = reply.text, "stop"
-    for stop in params.stop:
-        if stop in text:
-            text = text[: text.index(stop)]
-    words = text.split()
-    if len(words) > params.max_tokens:
-        words, finish = words[: params.max_tokens], "length"
-        text = " ".join(words)
-    n = max(1, len(words))  # an empty reply still cost the end-of-sequence token
+    thought = _cut(reply.reasoning, params.max_tokens, params.stop) if reply.reasoning is not None else None
+    used = thought[1] if thought else 0
+    if thought is not None and (thought[2] or used >= params.max_tokens):
+        # generation ended inside the thinking (a stop string, or the token limit): no text
+        text, n_text, finish = "", 0, "stop" if thought[2] == "stop" else "length"
+    else:
+        text, n_text, stopped = _cut(reply.text, params.max_tokens - used, params.stop)
+        finish = stopped or "stop"
+    n = max(1, n_text + used)  # an empty reply still cost the end-of-sequence token
     logprobs = tuple([reply.logprob] * n) if reply.logprob is not None and params.logprobs else None
-    return Sample(text, finish, n, logprobs)
+    return Sample(text, finish, n, logprobs, reasoning=thought[0] if thought else None)
+
+
+def _cut(text: str, max_tokens: int, stops: tuple[str, ...]) -> tuple[str, int, str | None]:
+    """``text`` cut at the first stop string and at ``max_tokens`` words: (text, words, "stop"
+    or "length" where it was cut, else None)."""
+    cut = None
+    for stop in stops:
+        if stop in text:
+            text, cut = text[: text.index(stop)], "stop"
+    words = text.split()
+    if len(words) > max_tokens:
+        words, cut = words[:max_tokens], "length"
+        text = " ".join(words)
+    return text, len(words), cut
