@@ -164,7 +164,8 @@ async def test_a_cancelled_call_is_charged_its_worst_case():
 async def test_a_deadline_keeps_what_earlier_calls_drew():
     lm = Flaky(["ok", "ok"], ["The answer is 42"], latency_s=0.2)
     result = await sc(batch_size=1).run(lm, QUESTION, Budget(seconds=0.5))
-    assert result.answer == "42" and result.exhausted and result.error is None
+    assert result.answer == "42" and result.error is None
+    assert result.exhausted or result.stop_reason == "deadline"  # cut at it, or a call not started
     assert result.spent.generations >= 1
 
 

@@ -108,3 +108,106 @@ async def test_the_rule_is_recorded_in_the_result():
     assert out["stop_reason"] == "esc" and out["stopped_early"] is True
     assert out["options"]["stopping"] == "esc:window=2"
     assert isinstance(GiveUp().rounds, Rounds)
+
+
+# -- deepconf ---------------------------------------------------------------------------------
+
+def confident(value, conf, logprob=-0.1):
+    return Reply(f"The answer is {value}", logprob=logprob, confidence=conf)
+
+
+def test_trace_confidence_is_the_lowest_window_mean():
+    from apportion.algorithms.stopping import trace_confidence
+    from apportion.result import Candidate
+
+    c = Candidate("t", "1", "1", None, "stop", 6, None, confidences=(5.0, 5.0, 1.0, 0.5, 5.0, 5.0))
+    # windows of 2: 5, 3, 0.75, 2.75, 5
+    assert trace_confidence(c, 2) == pytest.approx(0.75)
+    assert trace_confidence(c, 10) == pytest.approx(21.5 / 6)  # shorter than the window: the mean
+    sampled = Candidate("t", "1", "1", None, "stop", 3, None, logprobs=(-0.1, -2.0, -0.1))
+    assert trace_confidence(sampled, 2) == pytest.approx(-1.05)
+    assert trace_confidence(Candidate("t", "1", "1", None, "stop", 3, None), 2) is None
+
+
+async def test_deepconf_drops_the_unconfident_and_stops_at_consensus():
+    from apportion.algorithms.stopping import DeepConf
+
+    # warmup of 4: 7, 7, 7 at confidence 5 and 3 at 1; keep=0.5 puts the floor at the lower median,
+    # 5, so the 3 carries no vote: 7 holds all the weight (1.0 >= 0.95) and sampling stops at 4 of 16
+    lm = ScriptedBackend([confident(7, 5.0), confident(7, 5.0), confident(3, 1.0), confident(7, 5.0)])
+    rule = DeepConf(warmup=4, keep=0.5, window=2)
+    result = await sc(rule).run(lm, QUESTION, Budget(generations=16))
+    assert result.stop_reason == "deepconf" and result.spent.generations == 4 and result.answer == "7"
+    assert lm.calls[0].params.top_logprobs == 20
+    assert result.distribution == {"7": pytest.approx(15.0), "3": 0.0}  # dropped, still listed
+    # a plain vote would have gone on: beta at 3 to 1 is 26/32 < 0.95
+    assert leader_stays([3, 1]) < 0.95
+
+
+async def test_deepconf_cuts_later_traces_under_the_warmup_floor():
+    from apportion.algorithms.stopping import DeepConf
+
+    # warmup: 7, 3, 7, 3 all at 5 (a tie, no consensus); then the floor is 5 and every later trace
+    # whose window mean falls under it is cut: confidences (5, 5, 1, 1) are cut at their 3rd token
+    shaky = Reply("so it is The answer is 3", confidence=(5.0, 5.0, 1.0, 1.0, 5.0, 5.0, 5.0))
+    lm = ScriptedBackend([confident(7, 5.0), confident(3, 5.0), confident(7, 5.0), confident(3, 5.0),
+                          shaky, confident(7, 5.0)])
+    result = await sc(DeepConf(warmup=4, round=2, window=2, keep=0.9)).run(lm, QUESTION, Budget(generations=6))
+    assert lm.calls[0].params.cut is None and lm.calls[1].params.cut is not None
+    cut = [c for c in result.candidates if c.finish_reason == "cut"]
+    assert len(cut) == 1 and cut[0].answer is None
+    assert result.answer == "7" and result.distribution["7"] == pytest.approx(15.0)
+    assert any("cannot stop a sample mid-decode" in n for n in result.notes)
+
+
+async def test_deepconf_without_logprobs_says_so_and_runs_beta():
+    from apportion.algorithms.stopping import DeepConf
+
+    lm = ScriptedBackend(answers(42, 42, 42, 42, 7, 7), logprobs=False)
+    result = await sc(DeepConf(round=2)).run(lm, QUESTION, Budget(generations=6))
+    assert any("deepconf" in n and "beta" in n for n in result.notes)
+    assert result.stop_reason == "beta" and result.spent.generations == 4
+    assert lm.calls[0].params.top_logprobs == 0
+
+
+async def test_deepconf_with_sampled_logprobs_only_says_so():
+    from apportion.algorithms.stopping import DeepConf
+    from apportion.lm.base import Completion
+
+    class NoTopK(ScriptedBackend):
+        async def generate(self, prompt, params, *, deadline=None):
+            c = await super().generate(prompt, params, deadline=deadline)
+            return Completion(tuple(replace(s, confidences=None) for s in c.samples), c.usage, c.model, c.latency_s)
+
+    from dataclasses import replace
+    lm = NoTopK(answers(5, 5, 5, 5))
+    result = await sc(DeepConf()).run(lm, QUESTION, Budget(generations=8))
+    assert any("sampled tokens' log-probabilities only" in n for n in result.notes)
+    assert result.stop_reason == "deepconf" and result.spent.generations == 4
+
+
+def test_deepconf_parses_and_rounds():
+    from apportion.algorithms.stopping import DeepConf
+
+    rule = parse_stop("deepconf:warmup=6,round=3,keep=0.1,consensus=0.9")
+    assert isinstance(rule, DeepConf) and rule.keep == 0.1
+    assert [rule.rounds.size(i) for i in range(3)] == [6, 3, 3]
+    with pytest.raises(ConfigError, match="deepconf"):
+        DeepConf(keep=0)
+
+
+# -- deadlines --------------------------------------------------------------------------------
+
+async def test_no_round_starts_that_would_end_after_the_deadline():
+    import time
+
+    # 10-word replies, 0.2 s a call: 100 tokens/s. After round 2 (0.4 s) 0.2 s would be needed
+    # with about 0.1 s left: the third round is not started, and the answer comes back flagged.
+    words = "one two three four five six seven eight The answer is"
+    lm = ScriptedBackend([f"{words} 7", f"{words} 8"], latency_s=0.2)
+    started = time.monotonic()
+    result = await sc(ESC(window=2)).run(lm, QUESTION, Budget(generations=50, seconds=0.5))
+    assert time.monotonic() - started < 0.5
+    assert result.stop_reason == "deadline" and result.stopped_early and result.answer is not None
+    assert len(lm.calls) == 2
+    assert any("would have ended after the deadline" in n for n in result.notes)

@@ -7,6 +7,7 @@ ledger is opened) or a Ledger (a sub-budget handed down by a caller, whose spend
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ from apportion.answers.extract import read_answer
 from apportion.budget.ledger import CallRecord, Ledger
 from apportion.budget.units import Budget
 from apportion.errors import BackendError, BudgetError, BudgetExhausted, ConfigError, RunFailed
-from apportion.lm.base import Backend, Prompt, Sample, SamplingParams
+from apportion.lm.base import Backend, Completion, Prompt, Sample, SamplingParams
 from apportion.lm.metered import MeteredLM
 from apportion.result import Candidate, Result
 
@@ -99,6 +100,8 @@ class RunContext:
         self.error = self.error or str(exc)
 
     def candidate(self, sample: Sample) -> Candidate:
+        if sample.finish_reason == "cut":  # abandoned mid-thought: whatever it said so far is no answer
+            return Candidate.from_sample(sample, None, None, None)
         return Candidate.from_sample(sample, *read_answer(sample.text))
 
     def result(self, *, answer: str | None, response: str | None, candidates: Sequence[Candidate],
@@ -222,10 +225,18 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions, stopping: StopR
     One call carries many samples (``n``), never one call per sample: the backend batches them.
     With a stopping rule, calls are the rule's rounds, and after each one (once the caller has
     taken the batch in) the rule sees ``seen()``, the caller's candidates so far, and may end the
-    loop (``ctx.stop_reason``). A backend failure ends the loop (recorded with ``ctx.fail``) and
-    keeps what was drawn.
+    loop (``ctx.stop_reason``) or set a per-sample cut for the next round. Under a deadline, a
+    round is not started when the token rate seen so far says it would end after the deadline,
+    and a round cut at the deadline ends the loop (``stop_reason`` "deadline"). A backend failure
+    ends the loop (recorded with ``ctx.fail``) and keeps what was drawn.
     """
     caps = ctx.lm.backend.capabilities
+    if stopping is not None:
+        stopping, note = stopping.for_backend(caps)
+        if note:
+            ctx.notes.append(note)
+    pace = _Pace()
+    cut = None
     call = checked = 0
     while True:
         left = ctx.ledger.remaining().generations
@@ -237,6 +248,11 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions, stopping: StopR
             n = min(n, opts.batch_size)
         if stopping is not None:
             n = min(left if left is not None else n, stopping.rounds.size(call))
+        if call and pace.would_overrun(n, ctx.ledger.seconds_left()):
+            ctx.stop_reason = "deadline"
+            ctx.notes.append(f"a round of {n} more samples would have ended after the deadline "
+                             f"(at {pace.rate():.0f} tokens/s): not started")
+            return
         params = SamplingParams(
             n=n,
             max_tokens=opts.max_tokens,
@@ -245,6 +261,8 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions, stopping: StopR
             stop=opts.stop,
             seed=None if ctx.seed is None else ctx.seed + _SEED_STRIDE * call,
             logprobs=opts.logprobs and caps.logprobs,
+            top_logprobs=max(opts.top_logprobs, stopping.top_logprobs if stopping else 0) if caps.logprobs else 0,
+            cut=cut,
         )
         try:
             completion = await ctx.lm.generate(ctx.prompt, params, min_tokens=opts.min_tokens)
@@ -254,16 +272,52 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions, stopping: StopR
             ctx.fail(exc)
             return
         call += 1
+        pace.add(completion)
         yield [ctx.candidate(s) for s in completion.samples]
         if completion.error is not None:
             ctx.fail(completion.error)
             return
-        if not completion.samples or any(s.finish_reason == "deadline" for s in completion.samples):
+        if any(s.finish_reason == "deadline" for s in completion.samples):
+            ctx.stop_reason = "deadline"
+            return
+        if not completion.samples:
             return
         if stopping is not None:
             so_far = seen() if seen is not None else ()
-            reason = stopping.decide(Seen(so_far, checked, ctx.equivalence))
+            view = Seen(so_far, checked, ctx.equivalence, ctx.notes)
+            reason = stopping.decide(view)
             checked = len(so_far)
             if reason is not None:
                 ctx.stop_reason = reason
                 return
+            cut = stopping.cut(view)
+            if cut is not None and not caps.cut:
+                note = (f"{ctx.lm.backend.name} cannot stop a sample mid-decode: samples were cut after they "
+                        "were drawn, and all their tokens are charged")
+                if note not in ctx.notes:
+                    ctx.notes.append(note)
+
+
+@dataclass(slots=True)
+class _Pace:
+    """The output rate and sample length seen so far in a run, to tell whether a round fits
+    before the deadline. Conservative on two counts: a round of n samples is taken to decode
+    them one after another at the rate measured over batched calls, and its samples to be as
+    long as the longest seen."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    longest: int = 0
+
+    def add(self, completion: Completion) -> None:
+        self.tokens += completion.usage.output_tokens
+        self.seconds += completion.latency_s
+        self.longest = max([self.longest, *(s.output_tokens for s in completion.samples)])
+
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else math.inf
+
+    def would_overrun(self, n: int, seconds_left: float | None) -> bool:
+        if seconds_left is None or not self.tokens:
+            return False
+        return n * self.longest / self.rate() > seconds_left

@@ -41,8 +41,10 @@ class SelfConsistency(Algorithm):
         await ctx.apply_prompt_mode(opts.prompt_mode)
         candidates: list[Candidate] = []
 
+        rule = self.options.stopping
+
         def current(final: bool) -> Result:
-            t = tally(candidates, ctx.equivalence)
+            t = tally(candidates, ctx.equivalence, rule.vote_weights(candidates) if rule else None)
             response = candidates[t.winner_index].text if t.winner_index is not None else None
             return ctx.result(answer=t.winner, response=response, candidates=t.candidates,
                               distribution=t.distribution, final=final)

@@ -19,6 +19,18 @@ first to fire stops the run.
   rule that can stop after a single sample.
 - ``give-up``: stop a question whose votes will not converge: after ``min_samples``, when the
   leader holds at most ``max_share`` of the answered samples and most answers are distinct.
+- ``deepconf`` (Fu et al. 2025, DeepConf online): a trace's confidence is its lowest group
+  confidence (the mean token confidence over a sliding ``window``; token confidence is minus the
+  mean log-probability of the ``top_k`` most probable tokens). A first round of ``warmup`` traces
+  sets a threshold, the confidence that keeps the best ``keep`` share of them; later traces are
+  cut mid-decode when a window falls under it, traces under it carry no vote, the others vote
+  with their confidence as weight, and sampling stops once the leader holds ``consensus`` of the
+  weight. With only the sampled tokens' log-probabilities it uses those (and says so); with
+  none, it says so and runs ``beta`` instead.
+
+Beyond ``decide``, a rule may ask the backend for top-k log-probabilities (``top_logprobs``),
+give each next round a per-sample ``cut``, weigh the vote (``vote_weights``), and replace itself
+for a backend that cannot serve it (``for_backend``).
 """
 
 from __future__ import annotations
@@ -34,22 +46,27 @@ import numpy as np
 from apportion.algorithms.voting import tally
 from apportion.answers.equivalence import Equivalence
 from apportion.errors import ConfigError
+from apportion.lm.base import Capabilities, Cut, Partial
 from apportion.result import Candidate
 
 
 @dataclass(frozen=True, slots=True)
 class Rounds:
-    """Round sizes: ``first``, then each ``growth`` times the last (rounded), at most ``largest``."""
+    """Round sizes: ``first``, then ``then`` each where set, else each ``growth`` times the last
+    (rounded); at most ``largest``."""
 
     first: int = 2
     growth: float = 1.0
     largest: int = 64
+    then: int | None = None
 
     def __post_init__(self) -> None:
-        if self.first < 1 or self.largest < self.first or self.growth < 1:
-            raise ConfigError(f"rounds need first >= 1, largest >= first and growth >= 1, got {self}")
+        if self.first < 1 or self.largest < self.first or self.growth < 1 or (self.then is not None and self.then < 1):
+            raise ConfigError(f"rounds need first >= 1, largest >= first, growth >= 1 and then >= 1, got {self}")
 
     def size(self, index: int) -> int:
+        if index and self.then is not None:
+            return min(self.largest, self.then)
         return min(self.largest, max(1, round(self.first * self.growth**index)))
 
 
@@ -61,6 +78,8 @@ class Seen:
     previous: int
     """How many candidates there were at the previous check (0 at the first)."""
     equivalence: Equivalence
+    notes: list[str] = field(default_factory=list)
+    """Where a rule says what the user must know (the run's notes)."""
 
 
 class StopRule(ABC):
@@ -73,6 +92,23 @@ class StopRule(ABC):
     @abstractmethod
     def decide(self, seen: Seen) -> str | None:
         """A reason to stop now, or None to sample on."""
+
+    @property
+    def top_logprobs(self) -> int:
+        """Alternatives per token the rule needs (``SamplingParams.top_logprobs``)."""
+        return 0
+
+    def cut(self, seen: Seen) -> Cut | None:
+        """The per-sample predicate for the next round (None: let samples finish)."""
+        return None
+
+    def vote_weights(self, candidates: Sequence[Candidate]) -> list[float | None] | None:
+        """How much each candidate's answer counts in a vote (None: one each)."""
+        return None
+
+    def for_backend(self, capabilities: Capabilities) -> tuple[StopRule, str | None]:
+        """The rule to run on a backend with these capabilities, and a note when it is not this one."""
+        return self, None
 
     def __add__(self, other: StopRule) -> StopRule:
         return AnyOf((*_parts(self), *_parts(other)))
@@ -224,6 +260,111 @@ class GiveUp(_FixedRounds):
 
 
 @dataclass(frozen=True)
+class DeepConf(StopRule):
+    warmup: int = 4
+    round: int = 2
+    window: int = 16
+    keep: float = 0.9
+    consensus: float = 0.95
+    top_k: int = 20
+    name: ClassVar[str] = "deepconf"
+
+    def __post_init__(self) -> None:
+        if self.warmup < 2 or self.round < 1 or self.window < 1 or not 1 <= self.top_k <= 20:
+            raise ConfigError("deepconf: warmup >= 2, round >= 1, window >= 1 and top_k in [1, 20] are required")
+        if not 0 < self.keep <= 1 or not 0.5 < self.consensus <= 1:
+            raise ConfigError(f"deepconf: keep must be in (0, 1] and consensus in (0.5, 1], got {self.keep}, "
+                              f"{self.consensus}")
+
+    @property
+    def rounds(self) -> Rounds:
+        return Rounds(self.warmup, then=self.round)
+
+    @property
+    def top_logprobs(self) -> int:
+        return self.top_k
+
+    def for_backend(self, capabilities: Capabilities) -> tuple[StopRule, str | None]:
+        if capabilities.logprobs:
+            return self, None
+        return Beta(round=self.round), ("deepconf: the backend returns no token log-probabilities, so trace "
+                                        "confidence cannot be measured; stopping by beta instead")
+
+    def threshold(self, candidates: Sequence[Candidate]) -> float | None:
+        """The confidence that keeps the best ``keep`` share of the warmup traces."""
+        warm = [c for c in candidates[: self.warmup] if c.finish_reason != "cut"]
+        scores = [s for c in warm if (s := trace_confidence(c, self.window)) is not None]
+        if len(scores) < min(2, self.warmup):
+            return None
+        return float(np.quantile(scores, 1 - self.keep, method="lower"))
+
+    def vote_weights(self, candidates: Sequence[Candidate]) -> list[float | None]:
+        floor = self.threshold(candidates)
+        out: list[float | None] = []
+        for c in candidates:
+            conf = trace_confidence(c, self.window)
+            if conf is None:
+                out.append(1.0)  # nothing to judge it by: a plain vote
+            elif floor is not None and conf < floor:
+                out.append(None)
+            else:
+                out.append(_weight(c, conf))
+        return out
+
+    def cut(self, seen: Seen) -> Cut | None:
+        floor = self.threshold(seen.candidates)
+        if floor is None:
+            return None
+        sampled = not any(c.confidences for c in seen.candidates)
+        return GroupConfidenceCut(self.window, floor, sampled)
+
+    def decide(self, seen: Seen) -> str | None:
+        if not seen.previous and any(c.logprobs for c in seen.candidates) \
+                and not any(c.confidences for c in seen.candidates):
+            seen.notes.append("deepconf: no top-k log-probabilities from this backend; trace confidence "
+                              "comes from the sampled tokens' log-probabilities only")
+        t = tally(seen.candidates, seen.equivalence, self.vote_weights(seen.candidates))
+        total = sum(t.distribution.values())
+        if t.winner is None or total <= 0:
+            return None
+        return self.name if max(t.distribution.values()) / total >= self.consensus else None
+
+
+def trace_confidence(c: Candidate, window: int) -> float | None:
+    """The lowest mean token confidence over any ``window`` consecutive tokens (the whole trace
+    when shorter): top-k confidences where known, else the sampled tokens' log-probabilities."""
+    values = c.confidences or c.logprobs
+    if not values:
+        return None
+    if len(values) <= window:
+        return math.fsum(values) / len(values)
+    sums = np.cumsum(np.asarray(values, dtype=np.float64))
+    sums = np.concatenate(([0.0], sums))
+    return float(np.min(sums[window:] - sums[:-window]) / window)
+
+
+def _weight(c: Candidate, confidence: float) -> float:
+    # Top-k confidences are positive (minus a mean log-probability); a sampled-token log-probability
+    # is not, and counts as the probability it stands for.
+    return confidence if c.confidences else math.exp(confidence)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupConfidenceCut:
+    """Ends a sample when the mean confidence of its last ``window`` tokens falls under ``floor``."""
+
+    window: int
+    floor: float
+    sampled: bool = False
+
+    def __call__(self, part: Partial) -> bool:
+        values = part.logprobs if self.sampled else part.confidences
+        if len(values) < self.window:
+            return False
+        return math.fsum(values[-self.window:]) / self.window < self.floor
+
+
+@dataclass(frozen=True)
 class AnyOf(StopRule):
     rules: tuple[StopRule, ...] = field(default_factory=tuple)
     name: ClassVar[str] = "any-of"
@@ -235,11 +376,27 @@ class AnyOf(StopRule):
     def decide(self, seen: Seen) -> str | None:
         return next((reason for rule in self.rules if (reason := rule.decide(seen)) is not None), None)
 
+    @property
+    def top_logprobs(self) -> int:
+        return max(r.top_logprobs for r in self.rules)
+
+    def cut(self, seen: Seen) -> Cut | None:
+        return next((c for r in self.rules if (c := r.cut(seen)) is not None), None)
+
+    def vote_weights(self, candidates: Sequence[Candidate]) -> list[float | None] | None:
+        return next((w for r in self.rules if (w := r.vote_weights(candidates)) is not None), None)
+
+    def for_backend(self, capabilities: Capabilities) -> tuple[StopRule, str | None]:
+        pairs = [r.for_backend(capabilities) for r in self.rules]
+        notes = [n for _, n in pairs if n]
+        return AnyOf(tuple(r for r, _ in pairs)), "; ".join(notes) or None
+
     def describe(self) -> str:
         return "+".join(r.describe() for r in self.rules)
 
 
-STOP_RULES: dict[str, type[StopRule]] = {r.name: r for r in (ESC, Beta, RelativeGain, ScoreThreshold, GiveUp)}
+STOP_RULES: dict[str, type[StopRule]] = {r.name: r for r in (ESC, Beta, RelativeGain, ScoreThreshold, GiveUp,
+                                                               DeepConf)}
 
 
 def parse_stop(text: str) -> StopRule:

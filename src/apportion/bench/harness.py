@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from apportion import __version__
 from apportion.answers.equivalence import Equivalence
-from apportion.banks import BankWriter, Problem, SampleBank
+from apportion.banks import ESTIMATED_KEY, BankWriter, Problem, SampleBank
 from apportion.bench.grid import (
     GridOptions,
     Progress,
@@ -318,9 +318,25 @@ def _summary(spec: BenchSpec, backend: Backend | None, bank: SampleBank | None, 
                    "peer_algorithms": list(spec.peer_algorithms or options.algorithms),
                    "bank_seconds": round(sum(e.seconds for e in bank.entries), 3) if bank is not None else None,
                    **spec.extra},
+        "tokens_estimated": tokens_estimated(bank),
         "rows": [r.to_dict() for r in rows],
         "anytime": anytime_series(rows),
     }
+
+
+def tokens_estimated(bank: SampleBank | None) -> str | None:
+    """How the bank's token counts were estimated, where they were (None: as the backend reported them)."""
+    if bank is None:
+        return None
+    note = bank.meta.get(ESTIMATED_KEY)
+    if isinstance(note, dict):
+        return (f"output tokens of {note.get('samples', '?')} samples counted with the {note.get('tokenizer', '?')} "
+                f"tokenizer ({note.get('why', 'the bank stored none')}); prompt tokens as the bank stored them")
+    guessed = sum(1 for e in bank.entries if e.estimated)
+    if guessed:
+        return (f"{guessed} of {len(bank.entries)} bank requests had no usage from the server: their tokens "
+                "are estimated")
+    return None
 
 
 def anytime_series(rows: Sequence[Row]) -> list[dict[str, Any]]:

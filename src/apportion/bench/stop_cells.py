@@ -21,6 +21,8 @@ from apportion.banks import SampleBank
 from apportion.bench.grid import QuestionOutcome, Row, bank_prompt, make_row, replay_outcomes, replay_wall
 from apportion.budget.units import Budget, Price
 from apportion.lm.replay import ReplayBackend
+from apportion.reward.base import OutcomeScorer
+from apportion.reward.recorded import RecordedScorer
 from apportion.reward.self_certainty import SelfCertainty
 
 STOPPABLE = ("self-consistency", "best-of-n", "weighted-best-of-n")
@@ -30,8 +32,9 @@ async def stop_cell(bank: SampleBank, algorithm: str, rule: StopRule, *, orders:
                     sampling: SamplingOptions, equivalence: Equivalence | None = None,
                     ) -> tuple[Row, list[QuestionOutcome]]:
     """One row: ``algorithm`` with ``rule`` under a budget of the bank's size, over ``orders`` orders.
-    Best-of-N is scored by self-certainty (the bank's own scores do not travel through a backend)."""
+    Best-of-N is scored by the bank's recorded scores where it has them, else by self-certainty."""
     eq = equivalence or Equivalence()
+    scorer: OutcomeScorer = RecordedScorer(bank) if bank.has_scores else SelfCertainty()
     sampling = _for_bank(sampling, bank)
     right: list[list[float]] = [[] for _ in bank.entries]
     tokens: list[list[int]] = [[] for _ in bank.entries]
@@ -40,7 +43,7 @@ async def stop_cell(bank: SampleBank, algorithm: str, rule: StopRule, *, orders:
     for order in range(orders):
         backend = ReplayBackend(bank, seed=seed + order, price=price)
         for q, entry in enumerate(bank.entries):
-            algo = make_algorithm(algorithm, sampling, SelfCertainty(), rule)
+            algo = make_algorithm(algorithm, sampling, scorer, rule)
             algo.equivalence = eq
             result = await algo.run(backend, bank_prompt(entry.problem, sampling), Budget(generations=bank.k),
                                     seed=seed + order)
@@ -57,7 +60,7 @@ async def stop_cell(bank: SampleBank, algorithm: str, rule: StopRule, *, orders:
     note = (f"stopped by {rule.describe()}: {statistics.fmean(used):.2f} of {bank.k} samples per question "
             f"on average ({100 * statistics.fmean(used) / bank.k:.1f}%)")
     row = make_row("apportion", f"{name} --stop {rule.describe()}", None if name == "self-consistency" else
-                   "self-certainty", bank.k, "replay", outcomes, replay_wall(bank, outcomes), True,
+                   scorer.name, bank.k, "replay", outcomes, replay_wall(bank, outcomes), True,
                    statistics.pstdev(per_order) if orders > 1 else None, orders, [note],
                    generations=statistics.fmean(used))
     return row, outcomes

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class ReplayBackend:
-    def __init__(self, bank: SampleBank, *, seed: int = 0, model: str | None = None,
+    def __init__(self, bank: SampleBank, *, seed: int | None = 0, model: str | None = None,
                  price: Price | None = None) -> None:
         self.bank = bank
         self._model = model or str(bank.meta.get("model", "bank"))
@@ -35,8 +35,10 @@ class ReplayBackend:
         self._by_question: dict[str, list[int]] = {}
         for i, e in enumerate(bank.entries):
             self._by_question.setdefault(e.problem.question, []).append(i)
+        # seed None: the recorded order (a bank of one live run replays that run exactly)
         rng = np.random.default_rng(seed)
-        self._orders = [list(rng.permutation(len(e.samples))) for e in bank.entries]
+        self._orders = [list(range(len(e.samples))) if seed is None else list(rng.permutation(len(e.samples)))
+                        for e in bank.entries]
         self._served = [0] * len(bank.entries)
         self._logprobs = bank.has_logprobs or bank.has_confidences
         self._lock = threading.Lock()

@@ -23,12 +23,14 @@ from apportion.lm.base import Capabilities, Completion, Prompt, Sample, Sampling
 class Reply:
     """A scripted reply; ``logprobs`` default to -0.1 per token, or one value for all tokens.
     ``reasoning`` is thinking returned apart from the text, as reasoning servers do (its words
-    are tokens too, generated before the text)."""
+    are tokens too, generated before the text). ``confidence`` is every token's top-k confidence,
+    or one per token (given where ``top_logprobs`` is asked for)."""
 
     text: str
     logprob: float | None = -0.1
     error: BackendError | None = None
     reasoning: str | None = None
+    confidence: float | tuple[float, ...] = 3.0
 
 
 ReplyFn = Callable[[Prompt, SamplingParams, int, int], "str | Reply"]
@@ -114,7 +116,11 @@ def _sample(reply: Reply, params: SamplingParams) -> Sample:
         finish = stopped or "stop"
     n = max(1, n_text + used)  # an empty reply still cost the end-of-sequence token
     logprobs = tuple([reply.logprob] * n) if reply.logprob is not None and params.logprobs else None
-    return Sample(text, finish, n, logprobs, reasoning=thought[0] if thought else None)
+    confidences = None
+    if params.top_logprobs:
+        c = reply.confidence
+        confidences = tuple(c[:n]) if isinstance(c, tuple) else (c,) * n
+    return Sample(text, finish, n, logprobs, confidences, reasoning=thought[0] if thought else None)
 
 
 def _cut(text: str, max_tokens: int, stops: tuple[str, ...]) -> tuple[str, int, str | None]:
