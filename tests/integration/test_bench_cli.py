@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.conftest import DATA, run_cli
 from tests.support.fake_openai import FakeOpenAI
 
@@ -40,6 +42,26 @@ def test_bench_replays_the_shared_bank_and_reports_it(tmp_path):
     assert "data:image/png;base64," in page and "by_level" in proc.stdout
     proc = run_cli("report", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "summary.json" in proc.stderr
+
+
+def test_a_bank_without_token_counts_gets_estimated_ones_and_its_stop_rows_a_token_share(tmp_path):
+    pytest.importorskip("llama_cpp")
+    run = tmp_path / "run"
+    proc = run_cli("bench", "--bank", str(DATA / "math_cot_100_samples.jsonl"), "--algorithms", "sc",
+                   "--budgets", "1,8", "--limit", "10", "--orders", "3", "--stop", "esc:window=2", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert "token counts are estimated" in proc.stderr and "SmolLM2-135M-Instruct" in proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert "SmolLM2-135M-Instruct tokenizer" in summary["tokens_estimated"]
+    assert all(r["output_tokens"] > 0 for r in summary["rows"])
+    stop = next(r for r in summary["rows"] if "--stop" in r["algorithm"])
+    assert "% of the full budget's output tokens" in stop["notes"][-1]
+    assert summary["oracle"]["points"][-1]["output_tokens"] > 0
+    proc = run_cli("report", str(run))
+    assert proc.returncode == 0, proc.stderr
+    page = (run / "report" / "report.html").read_text()
+    assert "tokens estimated" in page and "estimated: output tokens of 80 samples" in page
+    assert (run / "report" / "stopping.png").is_file()
 
 
 def test_bench_input_errors_name_the_problem(tmp_path):

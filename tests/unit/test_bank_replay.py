@@ -187,3 +187,49 @@ async def test_replay_honours_a_cut_as_a_live_decode_would():
     assert by_reason["cut"].output_tokens == 4 and by_reason["cut"].text == ""
     assert by_reason["cut"].confidences == (5.0, 5.0, 1.0, 0.5)
     assert completion.usage.output_tokens == 10
+
+
+# --- token counts for a bank that stored none ----------------------------------------------------
+
+
+def test_missing_token_counts_are_filled_flagged_and_named(bank):
+    from apportion.banks import ESTIMATED_KEY, count_missing_tokens, missing_token_counts
+
+    assert missing_token_counts(bank) == 800  # the MATH bank stores texts only
+    small = SampleBank(bank.entries[:2], dict(bank.meta))
+    words = count_missing_tokens(small, lambda text: len(text.split()), "words")
+    assert [s.output_tokens for s in words.entries[0].samples] == [len(s.text.split())
+                                                                   for s in small.entries[0].samples]
+    assert all(e.estimated for e in words.entries) and not any(e.estimated for e in small.entries)
+    assert words.meta[ESTIMATED_KEY]["tokenizer"] == "words" and words.meta[ESTIMATED_KEY]["samples"] == 16
+    assert missing_token_counts(words) == 0
+    assert count_missing_tokens(words, lambda text: 1, "ones") is words  # counts already there stay
+
+
+def test_without_llama_cpp_the_bank_stays_as_it_was_and_says_why(bank, monkeypatch):
+    import apportion.bench.token_counts as token_counts
+    from apportion.errors import ModelNotFound
+
+    def missing(model_path=None):
+        raise ModelNotFound("llama-cpp-python is not installed")
+
+    monkeypatch.setattr(token_counts, "embedded_tokenizer", missing)
+    same, why = token_counts.fill_token_counts(bank)
+    assert same is bank and "800 samples" in why and "llama-cpp-python is not installed" in why
+    assert "no token shares" in why
+
+
+def test_the_embedded_tokenizer_counts_a_bank_without_loading_the_model(bank):
+    pytest.importorskip("llama_cpp")
+    from apportion.bench.token_counts import fill_token_counts
+    from apportion.lm.llama_embedded import embedded_tokenizer
+
+    tokenizer = embedded_tokenizer()
+    assert embedded_tokenizer() is tokenizer  # loaded once
+    assert tokenizer.name == "SmolLM2-135M-Instruct"
+    assert 0 < tokenizer.count("The answer is $\\boxed{42}$.") < 20
+    filled, why = fill_token_counts(SampleBank(bank.entries[:3], dict(bank.meta)))
+    assert why is None and filled.meta["tokens_estimated"]["tokenizer"] == "SmolLM2-135M-Instruct"
+    assert [s.output_tokens for s in filled.entries[2].samples] == [tokenizer.count(s.text)
+                                                                     for s in bank.entries[2].samples]
+    assert all(s.output_tokens > 0 for e in filled.entries for s in e.samples)

@@ -287,6 +287,19 @@ def test_the_share_falls_back_on_the_oracle_without_a_uniform_row_at_full_budget
     assert row[2:4] == ["—", "—"] and row[6] == "25.0%"  # 1241.6 of the oracle's 16 x 310.4
 
 
+def test_estimated_token_counts_are_said_on_the_page_and_the_plots(tmp_path: Path) -> None:
+    summary = stop_summary()
+    summary["tokens_estimated"] = "output tokens of 800 samples counted with the SmolLM2-135M-Instruct tokenizer"
+    page = write_report(write_run(tmp_path, summary)).html.read_text()
+    pairs = dict(re.findall(r"<tr><th>([^<]*)</th><td>([^<]*)</td></tr>", page))
+    assert pairs["token counts"] == ("estimated: output tokens of 800 samples counted with the "
+                                     "SmolLM2-135M-Instruct tokenizer")
+    assert "200 questions · tokens estimated" in page  # the subtitle every plot carries too
+    plain = write_report(write_run(tmp_path / "plain", fixture_summary())).html.read_text()
+    assert dict(re.findall(r"<tr><th>([^<]*)</th><td>([^<]*)</td></tr>", plain))["token counts"] == (
+        "as the backend reported them")
+
+
 def load_summary_dict(summary: dict[str, Any]) -> Any:
     import tempfile
 

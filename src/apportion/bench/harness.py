@@ -330,8 +330,10 @@ def tokens_estimated(bank: SampleBank | None) -> str | None:
         return None
     note = bank.meta.get(ESTIMATED_KEY)
     if isinstance(note, dict):
+        prompts = ("prompt tokens as the bank stored them" if any(e.prompt_tokens for e in bank.entries)
+                   else "prompt tokens unknown (counted as 0)")
         return (f"output tokens of {note.get('samples', '?')} samples counted with the {note.get('tokenizer', '?')} "
-                f"tokenizer ({note.get('why', 'the bank stored none')}); prompt tokens as the bank stored them")
+                f"tokenizer ({note.get('why', 'the bank stored none')}); {prompts}")
     guessed = sum(1 for e in bank.entries if e.estimated)
     if guessed:
         return (f"{guessed} of {len(bank.entries)} bank requests had no usage from the server: their tokens "

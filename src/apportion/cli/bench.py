@@ -20,6 +20,7 @@ from apportion.bench.datasets import DATASETS, load_dataset
 from apportion.bench.grid import GridOptions, Row, canonical
 from apportion.bench.harness import BenchOutcome, BenchSpec, check_run_dir, run_bench
 from apportion.bench.peers import peer as peer_module
+from apportion.bench.token_counts import fill_token_counts
 from apportion.budget.units import Price
 from apportion.cli._app import (
     EXIT_FAILURE,
@@ -115,7 +116,8 @@ def bench(
         if concurrency is not None and concurrency < 1:
             raise ConfigError(f"--concurrency must be >= 1, got {concurrency}")
         if bank is not None:
-            unused = [name for name in ("base_url", "model", "model_path", "price_file", "resume", "live", "timeout",
+            # --model-path stays: its tokenizer counts the tokens of a bank that stored none
+            unused = [name for name in ("base_url", "model", "price_file", "resume", "live", "timeout",
                                         "question_field", "answer_field", "level_field", "data_dir",
                                         "max_tokens", "temperature", "top_p", "system_prompt")
                       if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
@@ -141,6 +143,9 @@ def bench(
         if given_bank is not None:
             problems = [e.problem for e in given_bank.entries][:limit]
             given_bank.entries = given_bank.entries[: len(problems)]
+            given_bank, why = fill_token_counts(given_bank, str(model_path) if model_path else None)
+            if why is not None:
+                console.print(f"[yellow]note:[/yellow] {why}")
             assert bank is not None
             name = str(given_bank.meta.get("dataset") or bank.stem)
             backend = None
@@ -176,6 +181,8 @@ def bench(
     stdout = Console()
     # Off a terminal rich assumes 80 columns and would fold every cell; a log file can be wide.
     _table(outcome.rows, outcome.summary, stdout if stdout.is_terminal else Console(width=170))
+    if outcome.summary.get("tokens_estimated"):
+        console.print(f"[yellow]note:[/yellow] token counts are estimated: {outcome.summary['tokens_estimated']}")
     for series in outcome.summary.get("anytime", []):
         console.print(f"anytime index: {_series_label(series)}: {_anytime_text(series)}")
     for failure in outcome.summary.get("peer_failures", []):

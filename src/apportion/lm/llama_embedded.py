@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import importlib.util
 import logging
 import os
@@ -155,16 +156,7 @@ class _Engine:
     """The llama.cpp model and context. Not thread-safe by itself: ``generate`` holds a lock."""
 
     def __init__(self, path: Path, options: EmbeddedOptions) -> None:
-        try:
-            import llama_cpp as lc
-        except ImportError as exc:
-            raise ModelNotFound(
-                "llama-cpp-python is not installed: run `make install` (it builds a wheel for this "
-                "CPU), or use an OpenAI-compatible server with --base-url"
-            ) from exc
-        self.lc = lc
-        _quiet_llama_logs(lc)
-        lc.llama_backend_init()
+        self.lc = lc = _llama_cpp()
         mparams = lc.llama_model_default_params()
         # Weight repacking ("extra buffer types") runs AMX kernels on CPUs that advertise AMX;
         # some VMs advertise it without allowing it, and the first decode dies.
@@ -233,14 +225,7 @@ class _Engine:
         return buf.raw[:needed].decode("utf-8", errors="replace") + prompt.assistant_prefix, True
 
     def tokenize(self, text: str, special: bool) -> list[int]:
-        data = text.encode()
-        cap = len(data) + 16
-        buf = (self.lc.llama_token * cap)()
-        n = self.lc.llama_tokenize(self.vocab, data, len(data), buf, cap, True, special)
-        if n < 0:
-            buf = (self.lc.llama_token * -n)()
-            n = self.lc.llama_tokenize(self.vocab, data, len(data), buf, -n, True, special)
-        return list(buf[:n])
+        return _tokenize(self.lc, self.vocab, text, add_special=True, special=special)
 
     def prompt_tokens(self, prompt: Prompt) -> list[int]:
         return self.tokenize(*self.format(prompt))
@@ -391,6 +376,67 @@ class _Engine:
             lc.llama_batch_free(self.batch)
             lc.llama_free(self.ctx)
             lc.llama_model_free(self.model)
+
+
+class LlamaTokenizer:
+    """A model's tokenizer alone: the GGUF's vocabulary, loaded without weights or a context (in
+    milliseconds), to count the tokens of texts that were not generated here, such as a bank that
+    stored none. ``embedded_tokenizer`` loads each model file once."""
+
+    def __init__(self, model_path: str | Path | None = None) -> None:
+        path = Path(model_path) if model_path else default_model_path()
+        if not path.is_file():
+            raise ModelNotFound(f"model file not found: {path}")
+        self.lc = lc = _llama_cpp()
+        params = lc.llama_model_default_params()
+        params.vocab_only = True
+        self._model = lc.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            raise ModelNotFound(f"llama.cpp could not read the vocabulary of {path}")
+        self._vocab = lc.llama_model_get_vocab(self._model)
+        self.name = DEFAULT_MODEL_NAME if path.name == DEFAULT_GGUF else path.stem
+
+    def tokenize(self, text: str) -> list[int]:
+        """The tokens of ``text`` as the model would generate it: no BOS, special-token text kept as text."""
+        return _tokenize(self.lc, self._vocab, text, add_special=False, special=False)
+
+    def count(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def close(self) -> None:
+        if self._model:
+            self.lc.llama_model_free(self._model)
+            self._model = None
+
+
+@functools.lru_cache(maxsize=4)
+def embedded_tokenizer(model_path: str | None = None) -> LlamaTokenizer:
+    """The tokenizer of a model file (default: the embedded model), loaded once per process."""
+    return LlamaTokenizer(model_path)
+
+
+def _llama_cpp() -> Any:
+    try:
+        import llama_cpp as lc
+    except ImportError as exc:
+        raise ModelNotFound(
+            "llama-cpp-python is not installed: run `make install` (it builds a wheel for this "
+            "CPU), or use an OpenAI-compatible server with --base-url"
+        ) from exc
+    _quiet_llama_logs(lc)
+    lc.llama_backend_init()
+    return lc
+
+
+def _tokenize(lc: Any, vocab: Any, text: str, *, add_special: bool, special: bool) -> list[int]:
+    data = text.encode()
+    cap = len(data) + 16
+    buf = (lc.llama_token * cap)()
+    n = lc.llama_tokenize(vocab, data, len(data), buf, cap, add_special, special)
+    if n < 0:
+        buf = (lc.llama_token * -n)()
+        n = lc.llama_tokenize(vocab, data, len(data), buf, -n, add_special, special)
+    return list(buf[:n])
 
 
 def _compile_template(source: str) -> Any:

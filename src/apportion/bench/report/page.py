@@ -56,7 +56,9 @@ def render_html(summary: Summary, curves: Sequence[Curve], frontier: Sequence[Ro
 
 def _meta_table(summary: Summary) -> str:
     fields = [("run", summary.run), ("dataset", summary.dataset), ("model", summary.model),
-              ("backend", summary.backend), ("questions", _opt(summary.questions)), ("created", summary.created)]
+              ("backend", summary.backend), ("questions", _opt(summary.questions)), ("created", summary.created),
+              ("token counts", f"estimated: {summary.tokens_estimated}" if summary.tokens_estimated
+               else "as the backend reported them")]
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in fields)
     return f'<table class="meta">{cells}</table>'
 

@@ -91,6 +91,8 @@ class Summary:
     config: dict[str, Any]
     rows: tuple[Row, ...]
     oracle: tuple[OraclePoint, ...] = ()
+    tokens_estimated: str | None = None
+    """How the token counts were estimated, where they were (a bank that stored none)."""
 
 
 def load_summary(run_dir: str | Path) -> Summary:
@@ -130,6 +132,7 @@ def _summary(data: Mapping[str, Any], path: Path) -> Summary:
         config=config,
         rows=tuple(_row(raw, i, path) for i, raw in enumerate(raw_rows)),
         oracle=_oracle(data.get("oracle"), path),
+        tokens_estimated=None if data.get("tokens_estimated") in (None, "") else _text(data["tokens_estimated"]),
     )
 
 
@@ -238,4 +241,5 @@ def _int_or_none(value: Any, what: str) -> int | None:
 
 def _subtitle(summary: Summary) -> str:
     count = f"{summary.questions} questions" if summary.questions is not None else "questions: ?"
-    return f"{summary.dataset} · {summary.model} · {count}"
+    estimated = " · tokens estimated" if summary.tokens_estimated else ""
+    return f"{summary.dataset} · {summary.model} · {count}{estimated}"
