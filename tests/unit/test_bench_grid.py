@@ -81,7 +81,7 @@ async def test_replay_statistics_match_live_runs(tmp_path):
     """Replayed accuracy at budget b estimates what live runs with b samples get: over 300 questions the
     two agree within sampling error (the live side is one draw; the bound is 4 of its standard errors)."""
     qs = problems(300)
-    opts = options(algorithms=("self-consistency",), budgets=(1, 3, 5), orders=60)
+    opts = options(algorithms=("self-consistency",), budgets=(1, 3, 5), orders=10)
     replayed = await run_bench(BenchSpec(qs, opts, "toy", tmp_path / "replay"), ScriptedBackend(sampler))
     live = await run_bench(BenchSpec(qs, options(algorithms=("self-consistency",), budgets=(1, 3, 5), live=True,
                                                  seed=1000, concurrency=8), "toy", tmp_path / "live"),

@@ -61,15 +61,15 @@ async def test_its_hub_self_consistency_on_the_replayed_bank(drawn):
     assert four.input_tokens == pytest.approx(4 * ours_four.input_tokens)
     # on the first order both vote over the same four samples per question
     theirs = [o.answer for o in four_q]
-    mine = _first_answers(bank, 4)
+    mine = await _first_answers(bank, 4)
     agree = sum(a == b for a, b in zip(theirs, mine))
     assert agree >= len(qs) - 1, (theirs, mine)
 
 
-def _first_answers(bank, budget):
+async def _first_answers(bank, budget):
     from apportion.bench.replay import replay
 
-    return list(replay(bank, "self-consistency", [budget], orders=1, seed=0)[0].first_answers)
+    return list((await replay(bank, "self-consistency", [budget], orders=1, seed=0))[0].first_answers)
 
 
 @pytest.mark.skipif(its_hub.available() is not None, reason="its-hub is a dev extra")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -226,19 +226,22 @@ async def draw_bank(backend: Backend, problems: Sequence[Problem], k: int, sampl
 # --- replayed cells ---------------------------------------------------------------------------
 
 
-def replay_cells(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, scorer: str, orders: int,
-                 seed: int, price: Price, equivalence: Equivalence | None = None,
-                 ) -> Iterator[tuple[Row, list[QuestionOutcome]]]:
+async def replay_cells(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, scorer: str, orders: int,
+                       seed: int, price: Price, equivalence: Equivalence | None = None,
+                       sampling: SamplingOptions | None = None) -> list[tuple[Row, list[QuestionOutcome]]]:
     name = canonical(algorithm)
     replay_scorer = _REPLAY_SCORERS.get(scorer, scorer)
-    points = replay(bank, name, budgets, orders=orders, seed=seed, scorer=replay_scorer, equivalence=equivalence)
+    points = await replay(bank, name, budgets, orders=orders, seed=seed, scorer=replay_scorer,
+                          equivalence=equivalence, sampling=sampling)
     notes = []
     if name != "self-consistency" and replay_scorer == "self-certainty" and not bank.has_logprobs:
         notes.append("the bank has no log-probabilities, so self-certainty scored nothing: this is a majority vote")
+    cells = []
     for point in points:
         outcomes = replay_outcomes(bank, point.per_question, point.per_question_tokens, point.first_answers, price)
-        yield make_row("apportion", name, point.scorer, point.budget, "replay", outcomes,
-                       replay_wall(bank, outcomes), True, point.accuracy_std, point.orders, notes), outcomes
+        cells.append((make_row("apportion", name, point.scorer, point.budget, "replay", outcomes,
+                               replay_wall(bank, outcomes), True, point.accuracy_std, point.orders, notes), outcomes))
+    return cells
 
 
 def replay_outcomes(bank: SampleBank, rates: Sequence[float], tokens: Sequence[float],

@@ -159,9 +159,9 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
         price = spec.price or (backend.price if backend is not None else Price())
         for algorithm in replayed:
             assert bank is not None
-            for row, outcomes in replay_cells(bank, algorithm, options.budgets, scorer=options.scorer,
-                                              orders=options.orders, seed=options.seed, price=price,
-                                              equivalence=eq):
+            for row, outcomes in await replay_cells(bank, algorithm, options.budgets, scorer=options.scorer,
+                                                    orders=options.orders, seed=options.seed, price=price,
+                                                    equivalence=eq, sampling=options.sampling):
                 rows.append(row)
                 sinks.record(row, outcomes)
             if progress is not None:

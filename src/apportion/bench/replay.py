@@ -1,28 +1,33 @@
-"""Evaluate sample-based algorithms on a bank instead of a model.
+"""Evaluate sample-based algorithms on a bank instead of a model, with the live code.
 
-For each of many random orders, every question's samples are shuffled once; budget b takes the
-first b of them (drawing without replacement, nested across budgets), and the same selection
-code as a live run (``tally``, ``score_tally``) picks the answer. Accuracy is the mean over
-questions; the figures are the mean and spread of that accuracy over orders.
+For each of many random orders, a ``ReplayBackend`` serves every question's recorded samples in
+that order's shuffle, and the real algorithm runs on it through the ledger: budget b draws the
+first b samples (nested across budgets), and whatever the algorithm does live (its selection,
+its stopping rule, its scorer) it does here. Accuracy is the mean over questions; the figures
+are the mean and spread of that accuracy over orders.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
-
-from apportion.algorithms.voting import Tally, score_tally, tally
+from apportion.algorithms.base import Algorithm, SamplingOptions
+from apportion.algorithms.registry import make_algorithm
+from apportion.algorithms.stopping import StopRule
 from apportion.answers.equivalence import Equivalence
 from apportion.banks import SampleBank
+from apportion.budget.units import Budget
 from apportion.errors import ConfigError
-from apportion.result import Candidate
+from apportion.lm.replay import ReplayBackend
+from apportion.reward.base import OutcomeScorer
+from apportion.reward.recorded import RecordedScorer
+from apportion.reward.self_certainty import SelfCertainty
 
 REPLAYABLE = ("self-consistency", "best-of-n", "weighted-best-of-n")
-SCORERS = ("bank", "self-certainty")
+SCORERS: dict[str, Callable[[SampleBank], OutcomeScorer]] = {"bank": RecordedScorer,
+                                                             "self-certainty": lambda _: SelfCertainty()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +49,15 @@ class ReplayPoint:
     """Each question's mean output tokens over the orders."""
     first_answers: tuple[str | None, ...] = ()
     """The answer each question got in the first order (the one ReplayBackend serves for ``seed``)."""
+    generations: float = 0.0
+    """Mean samples drawn per question (below the budget where a stopping rule ended runs)."""
 
 
-def replay(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, orders: int = 100, seed: int = 0,
-           scorer: str = "bank", equivalence: Equivalence | None = None) -> list[ReplayPoint]:
+async def replay(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, orders: int = 100, seed: int = 0,
+                 scorer: str = "bank", equivalence: Equivalence | None = None,
+                 sampling: SamplingOptions | None = None, stopping: StopRule | None = None) -> list[ReplayPoint]:
+    """One point per budget; order ``o`` is ``ReplayBackend(bank, seed=seed + o)``, so the first
+    order of every point is what a live run on that backend gets."""
     if algorithm not in REPLAYABLE:
         raise ConfigError(f"cannot replay {algorithm!r}; replayable: {', '.join(REPLAYABLE)}")
     if scorer not in SCORERS:
@@ -57,39 +67,36 @@ def replay(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, orders: 
     if orders < 1:
         raise ConfigError("orders must be >= 1")
     eq = equivalence or Equivalence()
-    candidates = [[_scored(s.candidate(), scorer) for s in e.samples] for e in bank.entries]
+    sampling = replace(sampling or SamplingOptions(), logprobs=bank.has_logprobs)
+    score = SCORERS[scorer](bank)
     grades = _Grades(bank, eq)
-    rng = np.random.default_rng(seed)
-    per_budget: dict[int, list[list[bool]]] = {b: [] for b in budgets}
-    tokens: dict[int, list[list[int]]] = {b: [] for b in budgets}
-    first: dict[int, list[str | None]] = {}
-    for _ in range(orders):
-        perms = [rng.permutation(len(c)) for c in candidates]
-        for b in budgets:
-            right, spent, answers = [], [], []
-            for q, (cands, perm) in enumerate(zip(candidates, perms)):
-                chosen = [cands[i] for i in perm[:b]]
-                spent.append(sum(c.output_tokens for c in chosen))
-                answers.append(_select(algorithm, chosen, eq).winner)
-                right.append(grades.correct(q, answers[-1]))
-            per_budget[b].append(right)
-            tokens[b].append(spent)
-            first.setdefault(b, answers)
-    return [_point(algorithm, scorer if algorithm != "self-consistency" else None, b, per_budget[b],
-                   tokens[b], first[b], bank) for b in budgets]
 
+    def algo() -> Algorithm:
+        made = make_algorithm(algorithm, sampling, score, stopping)
+        made.equivalence = eq
+        return made
 
-def _select(algorithm: str, chosen: list[Candidate], eq: Equivalence) -> Tally:
-    if algorithm == "self-consistency":
-        return tally(chosen, eq)
-    return score_tally(chosen, eq, weighted=algorithm == "weighted-best-of-n")[0]
-
-
-def _scored(candidate: Candidate, scorer: str) -> Candidate:
-    if scorer == "self-certainty":
-        score = None if candidate.mean_logprob is None else math.exp(candidate.mean_logprob)
-        return replace(candidate, score=score)
-    return candidate
+    points = []
+    for b in budgets:
+        right: list[list[bool]] = []
+        tokens: list[list[int]] = []
+        drawn: list[int] = []
+        first: list[str | None] = []
+        for order in range(orders):
+            lm = ReplayBackend(bank, seed=seed + order)
+            run_right, run_tokens = [], []
+            for q, entry in enumerate(bank.entries):
+                result = await algo().run(lm, entry.problem.question, Budget(generations=b), seed=seed + order)
+                run_right.append(grades.correct(q, result.answer))
+                run_tokens.append(result.spent.output_tokens)
+                drawn.append(result.spent.generations)
+                if not order:
+                    first.append(result.answer)
+            right.append(run_right)
+            tokens.append(run_tokens)
+        points.append(_point(algorithm, scorer if algorithm != "self-consistency" else None, b, right, tokens,
+                             first, bank, statistics.fmean(drawn)))
+    return points
 
 
 class _Grades:
@@ -110,7 +117,7 @@ class _Grades:
 
 
 def _point(algorithm: str, scorer: str | None, budget: int, runs: list[list[bool]], tokens: list[list[int]],
-           first: list[str | None], bank: SampleBank) -> ReplayPoint:
+           first: list[str | None], bank: SampleBank, generations: float) -> ReplayPoint:
     accuracies = [sum(r) / len(r) for r in runs]
     per_question = tuple(sum(col) / len(runs) for col in zip(*runs))
     per_question_tokens = tuple(sum(col) / len(runs) for col in zip(*tokens))
@@ -122,4 +129,4 @@ def _point(algorithm: str, scorer: str | None, budget: int, runs: list[list[bool
     return ReplayPoint(algorithm, scorer, budget, statistics.fmean(accuracies), statistics.pstdev(accuracies),
                        statistics.fmean(per_question_tokens), len(runs),
                        {level: sum(v) / len(v) for level, v in sorted(levels.items())},
-                       per_question, per_question_tokens, tuple(first))
+                       per_question, per_question_tokens, tuple(first), generations)
