@@ -87,3 +87,42 @@ def test_parse_prompt_mode():
     for bad in ("tale:words=3", "cod:words=x", "tale:estimator=guess", "verbose", "plain:x=1", "cod:words"):
         with pytest.raises(ConfigError):
             parse_prompt_mode(bad)
+
+
+async def test_the_prompt_bench_compares_modes_on_the_same_questions(tmp_path):
+    from apportion.bench.datasets import Problem
+    from apportion.bench.prompts import PromptBenchConfig, run_prompt_bench, table, write
+
+    def reply(prompt, params, call, i):
+        asked = prompt.messages[-1].content
+        if "less than" in asked:
+            return "The answer is 42"  # short, and always 42
+        if "draft" in asked:
+            return "17 + 25 = 42. The answer is 7"  # short, wrong
+        return "Let us count the sheep one by one carefully now. The answer is 42"
+
+    problems = [Problem("a", QUESTION, "42"), Problem("b", "What is 40 + 2?", "42")]
+    config = PromptBenchConfig(("plain", "tale:budget=20", "cod"), sampling=SamplingOptions(max_tokens=64))
+    report = await run_prompt_bench(ScriptedBackend(reply), problems, config)
+    rows = {r["mode"]: r for r in report["rows"]}
+    assert report["baseline"] == "plain" and rows["plain"]["accuracy"] == 1.0
+    assert rows["plain"]["mean_output_tokens"] == 14 and rows["plain"]["tokens_saved"] is None
+    assert rows["tale:budget=20"]["tokens_saved"] == pytest.approx(1 - 4 / 14)
+    assert rows["tale:budget=20"]["accuracy_change"] == 0
+    assert (rows["cod"]["accuracy_change"], rows["cod"]["only_baseline_right"]) == (-1.0, 2)
+    assert report["per_question"][0]["cod"]["answer"] == "7"
+    write(report, tmp_path / "p.json")
+    assert "tale:budget=20" in table(report)
+
+
+def test_the_prompt_bench_command_refuses_bad_modes_before_any_work():
+    from typer.testing import CliRunner
+
+    from apportion.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "prompts", "--mode", "verbose"])
+    assert result.exit_code == 2 and "unknown prompt mode" in result.output
+    result = CliRunner().invoke(app, ["run", "q", "--prompt-mode", "cod:words=0"])
+    assert result.exit_code == 2 and "words must be >= 1" in result.output
+    result = CliRunner().invoke(app, ["run", "q", "--min-thinking-tokens", "5"])
+    assert result.exit_code == 2 and "budget forcing's settings" in result.output

@@ -54,6 +54,8 @@ from apportion.result import Candidate, Result
 _SEED_STRIDE = 7919
 # Tokens a tokenizer may add where two texts meet; kept spare when fitting the answer in.
 _JOIN_SLACK = 2
+_BY_MODEL = "ended by the model"
+_UNDER_MIN = "ended by the model under the minimum"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +118,7 @@ class _Solution:
     """The marker and cue the answer was asked after (None: no answer call was made)."""
     answer_text: str | None = None
     finish: str = "stop"
-    ended: str = "by the model"
+    ended: str = _BY_MODEL
 
     def add_tokens(self, sample: Sample) -> None:
         self.tokens += sample.output_tokens
@@ -202,7 +204,7 @@ class BudgetForcing(Algorithm):
         more = ctx.lm.continuation()
         while sol.answer_text is None and self._wants_more(sol):
             if sol.waits >= opts.max_waits:
-                sol.ended = f"by the model, under the minimum after {sol.waits} waits (max_waits)"
+                sol.ended = f"{_UNDER_MIN} after {sol.waits} waits (max_waits)"
                 break
             thinking = _join(sol.thinking, opts.wait)
             prompt = ctx.prompt.continued(thinking)
@@ -211,18 +213,18 @@ class BudgetForcing(Algorithm):
             if room is not None:
                 cap = min(cap, room)
             if cap < 1:
-                sol.ended = "by the model, under the minimum: the budget could not pay for more"
+                sol.ended = f"{_UNDER_MIN}: the budget could not pay for more"
                 break
             sol.thinking, sol.waits = thinking, sol.waits + 1
             params = self._thinking_params(ctx, 1, cap, self._seed(ctx, sol))
             try:
                 completion = await more.generate(prompt, params, min_tokens=1)
             except BudgetExhausted:
-                sol.ended = "by the model, under the minimum: the budget could not pay for more"
+                sol.ended = f"{_UNDER_MIN}: the budget could not pay for more"
                 break
             except BackendError as exc:
                 ctx.fail(exc)
-                sol.ended = "by a failure"
+                sol.ended = "ended by a failure"
                 return sol
             if not completion.samples:  # pragma: no cover - MeteredLM raises instead
                 break
@@ -236,7 +238,7 @@ class BudgetForcing(Algorithm):
 
     def _wants_more(self, sol: _Solution) -> bool:
         """Whether the model ended thinking under the minimum (a cut or exhausted piece did not)."""
-        return sol.ended == "by the model" and sol.thinking_tokens < self.options.min_thinking_tokens
+        return sol.ended == _BY_MODEL and sol.thinking_tokens < self.options.min_thinking_tokens
 
     def _take_thinking(self, sol: _Solution, sample: Sample) -> None:
         """Add one thinking piece to ``sol`` and say how thinking stands after it."""
@@ -248,7 +250,7 @@ class BudgetForcing(Algorithm):
             think = math.ceil(sample.output_tokens * len(sample.reasoning.encode()) / max(1, total))
             sol.thinking += sample.reasoning
             sol.thinking_tokens += think
-            sol.ended = "by the model"
+            sol.ended = _BY_MODEL
             if sol.thinking_tokens >= opts.min_thinking_tokens:
                 sol.answer_prefix, sol.answer_text, sol.finish = "", sample.text, sample.finish_reason
             return
@@ -256,13 +258,13 @@ class BudgetForcing(Algorithm):
         sol.thinking_tokens += sample.output_tokens
         sol.finish = sample.finish_reason
         if sample.finish_reason == "stop":
-            sol.ended = "by the model"
+            sol.ended = _BY_MODEL
         elif sol.thinking_tokens >= opts.thinking_limit:
-            sol.ended = "cut at the maximum"
+            sol.ended = "was cut at the maximum"
         elif sample.finish_reason == "length":
-            sol.ended = "cut short by the budget"
+            sol.ended = "was cut short by the budget"
         else:
-            sol.ended = f"cut short ({sample.finish_reason})"
+            sol.ended = f"was cut short ({sample.finish_reason})"
 
     async def _answer(self, ctx: RunContext, more: MeteredLM, sol: _Solution) -> None:
         """The forced answer: one short call after the thinking, the marker and the cue."""
@@ -325,7 +327,7 @@ class BudgetForcing(Algorithm):
     def _note(self, sol: _Solution) -> str:
         opts = self.options
         return (f"solution {sol.index + 1}: {sol.thinking_tokens} thinking tokens (min {opts.min_thinking_tokens}, "
-                f"max {opts.thinking_limit}), {sol.waits} wait(s), thinking ended {sol.ended}, "
+                f"max {opts.thinking_limit}), {sol.waits} wait(s), thinking {sol.ended}, "
                 f"{sol.tokens} tokens in {sol.pieces} call(s)")
 
 

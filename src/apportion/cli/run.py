@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,6 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from apportion.algorithms.base import check_budget_can_bind
+from apportion.algorithms.budget_forcing import BudgetForcingOptions
+from apportion.algorithms.prompting import PROMPT_MODES, parse_prompt_mode
 from apportion.algorithms.registry import ALGORITHMS, make_algorithm
 from apportion.algorithms.stopping import STOP_RULES, parse_stop
 from apportion.batch import Item, answer_many, read_items
@@ -79,6 +82,19 @@ def run(
     stop: Annotated[str | None, typer.Option(
         "--stop", help="Stop sampling early: RULE[:key=value,...], rules joined with '+' "
                        f"({', '.join(STOP_RULES)}), e.g. 'beta:threshold=0.95+give-up'.")] = None,
+    prompt_mode: Annotated[str, typer.Option(
+        "--prompt-mode", help=f"How the question is worded ({', '.join(PROMPT_MODES)}): "
+                              "'tale[:estimator=model,budget=N,...]' states a token budget, "
+                              "'cod[:words=N]' asks for short drafts.")] = "plain",
+    min_thinking_tokens: Annotated[int | None, typer.Option(
+        help="budget-forcing: thinking shorter than this is continued with 'Wait' (default 0).")] = None,
+    max_thinking_tokens: Annotated[int | None, typer.Option(
+        help="budget-forcing: thinking is cut here and the model made to answer (default --max-tokens).")] = None,
+    end_marker: Annotated[str | None, typer.Option(
+        help="budget-forcing: what ends thinking, e.g. '</think>' ('' for the end of the reply only; "
+             "default 'The answer is').")] = None,
+    answer_cue: Annotated[str | None, typer.Option(
+        help="budget-forcing: text after the end marker that makes the model answer (default '').")] = None,
 ) -> None:
     """Answer a prompt (or a file of prompts) within a budget."""
     console = Console(stderr=True, soft_wrap=True)
@@ -103,7 +119,9 @@ def run(
             raise ConfigError("the prompt is not valid UTF-8")
         chosen_scorer = make_scorer(scorer)
         stopping = parse_stop(stop) if stop is not None else None
-        make_algorithm(algorithm, sampling, chosen_scorer, stopping)  # validates the name before any work
+        sampling = replace(sampling, prompt_mode=parse_prompt_mode(prompt_mode))
+        forcing = _forcing_options(min_thinking_tokens, max_thinking_tokens, end_marker, answer_cue)
+        make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing)  # validates before any work
         backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
         check_budget_can_bind(parsed_budget, backend)
     except ApportionError as exc:
@@ -111,7 +129,7 @@ def run(
     checked_preflight(backend, console)
 
     def algorithm_for() -> Any:
-        return make_algorithm(algorithm, sampling, chosen_scorer, stopping)
+        return make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing)
 
     if items is not None:
         assert out is not None
@@ -138,6 +156,19 @@ def run(
     if result.partial:
         console.print(f"[yellow]partial:[/yellow] a failure ended the run early; the answer is the best of "
                       f"{len(result.candidates)} candidate(s) drawn before it: {result.error}")
+
+
+def _forcing_options(min_thinking: int | None, max_thinking: int | None, end_marker: str | None,
+                     answer_cue: str | None) -> BudgetForcingOptions | None:
+    """Budget forcing's settings where any was given (None: the algorithm's defaults)."""
+    given: dict[str, object] = {k: v for k, v in (
+        ("min_thinking_tokens", min_thinking), ("max_thinking_tokens", max_thinking),
+        ("end_marker", end_marker), ("answer_cue", answer_cue)) if v is not None}
+    if not given:
+        return None
+    if given.get("end_marker") == "":
+        given["end_marker"] = None
+    return BudgetForcingOptions(**given)  # type: ignore[arg-type]
 
 
 async def _run_one(algorithm: Any, backend: Backend, prompt: str, budget: Budget,
@@ -205,7 +236,7 @@ def _spent_line(result: Result) -> str:
 def _render(result: Result, console: Console) -> None:
     console.print(f"[bold]Answer:[/bold] {result.answer if result.answer is not None else '(none)'}")
     if result.distribution:
-        label = "Votes" if result.algorithm == "self-consistency" else "Scores"
+        label = "Votes" if result.algorithm in ("self-consistency", "budget-forcing") else "Scores"
         parts = [f"{answer} ({_fmt(weight)})" for answer, weight in result.distribution.items()]
         unanswered = sum(1 for c in result.candidates if c.answer is None)
         if unanswered:
@@ -222,6 +253,8 @@ def _render(result: Result, console: Console) -> None:
     console.print(
         f"[bold]Spent:[/bold] {s.generations} generations"
         + (f" (+{s.scorer_generations} scoring)" if s.scorer_generations else "")
+        + (f" (+{s.continuations} continuations)" if s.continuations else "")
+        + (f" (+{s.planning_generations} planning)" if s.planning_generations else "")
         + f", {s.input_tokens} input + {s.output_tokens} output tokens, ${float(s.usd):.6f}, "
         f"{s.seconds:.2f} s, {s.calls} call(s)" + (" (estimated)" if s.estimated else "")
     )
