@@ -195,3 +195,33 @@ async def test_no_budget_is_ever_exceeded_and_a_solution_is_one_generation(
     if not reasoning:
         for c in result.candidates:
             assert c.output_tokens <= max_think + answer_tokens
+
+
+def test_the_command_line_forces_over_http_by_continuing_the_assistant_message():
+    import json
+
+    from typer.testing import CliRunner
+
+    from apportion.cli import app
+    from tests.support.fake_openai import FakeOpenAI
+
+    def reply(body, index):
+        messages = body.get("messages", [])
+        if messages and messages[-1]["role"] == "assistant":
+            return "42."
+        return "one two three four five six seven eight nine ten"
+
+    with FakeOpenAI(reply) as server:
+        result = CliRunner().invoke(app, [
+            "run", QUESTION, "--algorithm", "budget-forcing", "--budget", "gen=1,tokens=2000",
+            "--max-thinking-tokens", "5", "--base-url", server.base_url, "--model", server.model, "--json"])
+        bodies = server.billing.bodies
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["answer"] == "42" and out["algorithm"] == "budget-forcing"
+    assert (out["spent"]["generations"], out["spent"]["continuations"]) == (1, 1)
+    assert out["spent"]["total_tokens"] <= 2000
+    first, answer = bodies
+    assert first["max_tokens"] == 5 and first["stop"] == ["The answer is"]
+    assert answer["continue_final_message"] is True
+    assert answer["messages"][-1] == {"role": "assistant", "content": "one two three four five The answer is"}
