@@ -225,3 +225,14 @@ def test_the_command_line_forces_over_http_by_continuing_the_assistant_message()
     assert first["max_tokens"] == 5 and first["stop"] == ["The answer is"]
     assert answer["continue_final_message"] is True
     assert answer["messages"][-1] == {"role": "assistant", "content": "one two three four five The answer is"}
+
+
+async def test_a_failed_continuation_keeps_the_solution_drawn_and_says_so():
+    from apportion.errors import BackendError
+
+    lm = ScriptedBackend(by_call("17 and 25 make 42. The answer is 42",
+                                 Reply("", error=BackendError("server gone", billed=False, retryable=False))))
+    result = await forcing(min_thinking_tokens=20).run(lm, QUESTION, Budget(generations=1))
+    assert result.partial and "server gone" in result.error
+    assert result.answer == "42" and result.candidates[0].text == "17 and 25 make 42. "  # no dangling "Wait"
+    assert any("ended by a failure" in n for n in result.notes)

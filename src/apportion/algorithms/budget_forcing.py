@@ -56,6 +56,7 @@ _SEED_STRIDE = 7919
 _JOIN_SLACK = 2
 _BY_MODEL = "ended by the model"
 _UNDER_MIN = "ended by the model under the minimum"
+_FAILED = "ended by a failure"
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +157,8 @@ class BudgetForcing(Algorithm):
                               distribution=t.distribution, final=final)
 
         solutions = await self._first_pieces(ctx)
-        tasks = [asyncio.ensure_future(self._finish(ctx, sol)) for sol in solutions]
+        active = [len(solutions)]  # solutions still being forced, who share what the budget has left
+        tasks = [asyncio.ensure_future(self._finish(ctx, sol, active)) for sol in solutions]
         try:
             for next_done in asyncio.as_completed(tasks):
                 done.append(await next_done)
@@ -198,8 +200,17 @@ class BudgetForcing(Algorithm):
             solutions.append(sol)
         return solutions
 
-    async def _finish(self, ctx: RunContext, sol: _Solution) -> _Solution:
+    async def _finish(self, ctx: RunContext, sol: _Solution, active: list[int]) -> _Solution:
         """Force ``sol``'s thinking to its minimum, then make it answer."""
+        try:
+            await self._force(ctx, sol, active)
+            if sol.answer_text is None and sol.ended != _FAILED:
+                await self._answer(ctx, ctx.lm.continuation(), sol)
+        finally:
+            active[0] -= 1
+        return sol
+
+    async def _force(self, ctx: RunContext, sol: _Solution, active: list[int]) -> None:
         opts = self.options
         more = ctx.lm.continuation()
         while sol.answer_text is None and self._wants_more(sol):
@@ -208,14 +219,13 @@ class BudgetForcing(Algorithm):
                 break
             thinking = _join(sol.thinking, opts.wait)
             prompt = ctx.prompt.continued(thinking)
-            room = await self._room(ctx, prompt, 1)
+            room = await self._room(ctx, prompt, max(1, active[0]))
             cap = opts.thinking_limit - sol.thinking_tokens
             if room is not None:
                 cap = min(cap, room)
             if cap < 1:
                 sol.ended = f"{_UNDER_MIN}: the budget could not pay for more"
                 break
-            sol.thinking, sol.waits = thinking, sol.waits + 1
             params = self._thinking_params(ctx, 1, cap, self._seed(ctx, sol))
             try:
                 completion = await more.generate(prompt, params, min_tokens=1)
@@ -224,17 +234,16 @@ class BudgetForcing(Algorithm):
                 break
             except BackendError as exc:
                 ctx.fail(exc)
-                sol.ended = "ended by a failure"
-                return sol
+                sol.ended = _FAILED
+                return
             if not completion.samples:  # pragma: no cover - MeteredLM raises instead
                 break
+            sol.thinking, sol.waits = thinking, sol.waits + 1  # only now: a refused piece leaves no "Wait"
             self._take_thinking(sol, completion.samples[0])
             if completion.error is not None:
                 ctx.fail(completion.error)
-                return sol
-        if sol.answer_text is None:
-            await self._answer(ctx, more, sol)
-        return sol
+                sol.ended = _FAILED
+                return
 
     def _wants_more(self, sol: _Solution) -> bool:
         """Whether the model ended thinking under the minimum (a cut or exhausted piece did not)."""
