@@ -85,3 +85,25 @@ def test_cli_unknown_model_on_the_server(llama_server):
     proc = run_cli("run", QUESTION, "--base-url", llama_server, "--model", "gpt-9")
     assert proc.returncode == 2  # the command line names a model that is not there: a usage error
     assert "'gpt-9' is not served" in proc.stderr and "smollm2" in proc.stderr
+
+
+def test_token_confidences_over_http_match_the_embedded_backends(llama_server):
+    """DeepConf's token confidence from a real server's top_logprobs is the one the embedded
+    backend computes from its own softmax: same model, same greedy tokens, the same numbers within
+    the few percent that the two builds' kernels give the logits (the embedded backend turns
+    weight repacking off; measured 3.4% apart at most)."""
+    from apportion import LlamaEmbeddedBackend
+
+    async def main():
+        params = SamplingParams(max_tokens=6, temperature=0, logprobs=True, top_logprobs=5)
+        prompt = Prompt.chat("Name the capital of France.")
+        lm = http(llama_server)
+        remote = await lm.generate(prompt, params)
+        await lm.aclose()
+        local = await LlamaEmbeddedBackend().generate(prompt, params)
+        return remote.samples[0], local.samples[0]
+
+    remote, local = asyncio.run(main())
+    assert remote.text == local.text and remote.confidences is not None and local.confidences is not None
+    assert len(remote.confidences) == remote.output_tokens
+    assert remote.confidences == pytest.approx(local.confidences, rel=0.06)
