@@ -51,9 +51,19 @@ def _decorate(fig: Figure, ax: Axes, summary: Summary, title: str, handles: Sequ
     if handles:
         # below the axes: curves at high budgets cluster in the top right, where a legend would sit, and a
         # legend at the side would crowd the title
-        labels = [str(h.get_label()) for h in handles]
-        fig.legend(handles=handles, loc="outside lower center", ncols=_legend_columns(labels), frameon=False)
+        _legend_below(fig, handles)
     _clamp_percent_axis(ax)
+
+
+def _legend_below(fig: Figure, handles: Sequence[Artist]) -> None:
+    labels = [str(h.get_label()) for h in handles]
+    columns = _legend_columns(labels)
+    fig.legend(handles=handles, loc="outside lower center", ncols=columns, frameon=False)
+    # the figure grows by the legend's rows, so that many rows (a stop row per rule and algorithm)
+    # sit under the axes instead of squeezing them
+    rows = -(-len(labels) // columns)
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height + 0.24 * max(0, rows - 2))
 
 
 def _legend_columns(labels: Sequence[str], width_chars: int = 150) -> int:
@@ -212,8 +222,7 @@ def plot_stopping(summary: Summary, figures: Sequence[StopFigure], path: Path) -
         _log_tokens_axis(panels[1][0])
     fig.suptitle("Stopping rules beside uniform sampling, under the oracle ceiling", fontweight="bold")
     generations_ax.set_title(_subtitle(summary), color="#444444")
-    labels = [str(h.get_label()) for h in handles]
-    fig.legend(handles=handles, loc="outside lower center", ncols=_legend_columns(labels), frameon=False)
+    _legend_below(fig, handles)
     fig.savefig(path, dpi=DPI, format="png", facecolor="white")
     return path
 
