@@ -211,3 +211,15 @@ async def test_no_round_starts_that_would_end_after_the_deadline():
     assert result.stop_reason == "deadline" and result.stopped_early and result.answer is not None
     assert len(lm.calls) == 2
     assert any("would have ended after the deadline" in n for n in result.notes)
+
+
+async def test_rounds_can_grow_from_one_sample():
+    # beta with rounds of 1, 2, 4: 42 | 42 42 -> Beta(4, 1) = 0.9375 < 0.95 | 42 42 42 42 -> Beta(8, 1): stop
+    lm = ScriptedBackend(answers(*[42] * 16))
+    rule = parse_stop("beta:round=1,growth=2")
+    assert rule.describe() == "beta:threshold=0.95,round=1,growth=2.0,draws=4000"
+    assert parse_stop("beta").describe() == "beta:threshold=0.95,round=2,draws=4000"  # growth 1: not shown
+    result = await sc(rule).run(lm, QUESTION, Budget(generations=16))
+    assert [c.params.n for c in lm.calls] == [1, 2, 4] and result.stop_reason == "beta"
+    with pytest.raises(ConfigError, match="growth"):
+        parse_stop("beta:growth=0.5")

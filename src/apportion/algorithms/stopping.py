@@ -114,18 +114,26 @@ class StopRule(ABC):
         return AnyOf((*_parts(self), *_parts(other)))
 
     def describe(self) -> str:
-        values = ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))  # type: ignore[arg-type]
+        # growth is shown only where set, so that the labels of fixed-round rules stay short
+        values = ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self)  # type: ignore[arg-type]
+                          if not (f.name == "growth" and getattr(self, f.name) == 1))
         return f"{self.name}:{values}" if values else self.name
 
 
 class _FixedRounds(StopRule):
-    """A rule whose rounds all have ``round`` samples (a dataclass field of each rule)."""
+    """A rule whose rounds start at ``round`` samples and grow by ``growth`` (1: all the same
+    size; 2: 1, 2, 4, ... from a round of 1), both dataclass fields of each rule."""
 
     round: int
+    growth: float
 
     @property
     def rounds(self) -> Rounds:
-        return Rounds(self.round)
+        return Rounds(self.round, growth=self.growth)
+
+    def _check_rounds(self) -> None:
+        if self.growth < 1:
+            raise ConfigError(f"{self.name}: growth must be >= 1, got {self.growth}")
 
 
 def _parts(rule: StopRule) -> tuple[StopRule, ...]:
@@ -162,10 +170,12 @@ class ESC(StopRule):
 class Beta(_FixedRounds):
     threshold: float = 0.95
     round: int = 2
+    growth: float = 1.0
     draws: int = 4000
     name: ClassVar[str] = "beta"
 
     def __post_init__(self) -> None:
+        self._check_rounds()
         if not 0.5 < self.threshold < 1:
             raise ConfigError(f"beta: threshold must be in (0.5, 1), got {self.threshold}")
         if self.round < 1 or self.draws < 100:
@@ -196,9 +206,11 @@ class RelativeGain(_FixedRounds):
     epsilon: float = 0.05
     min_samples: int = 4
     round: int = 2
+    growth: float = 1.0
     name: ClassVar[str] = "relative-gain"
 
     def __post_init__(self) -> None:
+        self._check_rounds()
         if self.epsilon <= 0 or self.min_samples < 2 or self.round < 1:
             raise ConfigError("relative-gain: epsilon > 0, min_samples >= 2 and round >= 1 are required")
 
@@ -221,9 +233,11 @@ def _share(seen: Seen) -> float:
 class ScoreThreshold(_FixedRounds):
     threshold: float = 0.9
     round: int = 1
+    growth: float = 1.0
     name: ClassVar[str] = "score"
 
     def __post_init__(self) -> None:
+        self._check_rounds()
         if not 0 < self.threshold <= 1 or self.round < 1:
             raise ConfigError(f"score: threshold must be in (0, 1] and round >= 1, got {self.threshold}")
 
@@ -241,9 +255,11 @@ class GiveUp(_FixedRounds):
     min_samples: int = 6
     max_share: float = 0.34
     round: int = 2
+    growth: float = 1.0
     name: ClassVar[str] = "give-up"
 
     def __post_init__(self) -> None:
+        self._check_rounds()
         if self.min_samples < 2 or not 0 < self.max_share < 1 or self.round < 1:
             raise ConfigError("give-up: min_samples >= 2, max_share in (0, 1) and round >= 1 are required")
 
