@@ -120,3 +120,15 @@ def test_bench_overhead_prints_its_table(tmp_path):
     assert len(report["cells"]) == 2 and "ratio" in proc.stdout
     proc = run_cli("bench", "overhead", "--budgets", "0")
     assert proc.returncode == 2
+
+
+def test_bench_fit_prints_and_saves_the_laws_of_a_run(tmp_path):
+    from tests.unit.test_scaling import _results
+
+    run = _results(tmp_path)
+    proc = run_cli("bench", "fit", str(run), "--target", "0.85", "--bootstrap", "20")
+    assert proc.returncode == 0, proc.stderr
+    assert "Scaling laws" in proc.stdout and "extrapolated" in proc.stdout
+    assert json.loads((run / "fits.json").read_text())[0]["law"]["c"] == pytest.approx(0.9, abs=1e-3)
+    bad = run_cli("bench", "fit", str(run), "--target", "2")
+    assert bad.returncode == 2 and "--target must be an accuracy" in bad.stderr

@@ -385,3 +385,43 @@ def report(
         fail(console, exc, EXIT_USAGE)
     for path in files.files:
         typer.echo(str(path))
+
+
+@bench_app.command("fit")
+def bench_fit(
+    run: Annotated[Path, typer.Argument(help="A run directory of `apportion bench` (its results.jsonl).")],
+    target: Annotated[float | None, typer.Option(help="Also say the spend each law needs for this accuracy.")]
+    = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the questions.")] = 200,
+    cache: Annotated[Path | None, typer.Option(help="A JSON file keeping fits per model, task and algorithm.")]
+    = None,
+) -> None:
+    """Fit P(N) = a * N^b + c to each uniform curve of a run, with held-out errors and intervals."""
+    from apportion.bench.fit import fit_run, save
+
+    console = Console()
+    try:
+        if target is not None and not 0 < target <= 1:
+            raise ConfigError(f"--target must be an accuracy in (0, 1], got {target}")
+        fits = fit_run(run, target=target, bootstrap=bootstrap)
+        out = save(run, fits, cache)
+    except ApportionError as exc:
+        fail(Console(stderr=True), exc, EXIT_USAGE)
+    if not console.is_terminal:
+        console = Console(width=170)
+    grid = Table(title=f"Scaling laws P(N) = a * N^b + c: {run.name}")
+    for column in ("curve", "N", "a", "b", "c [95%]", "fit rmse", "held-out", "largest from smaller",
+                   "at 2x largest", *(["N for target"] if target is not None else [])):
+        grid.add_column(column)
+    for f in fits:
+        law, ci = f.fit.law, f.fit.intervals.get("c")
+        reach = "never" if f.target is None else f"{f.target.spend:,.3g}" + (" (extrapolated)" if f.target.extrapolated
+                                                                              else "")
+        grid.add_row(f.algorithm, f.unit, f"{law.a:.3f}", f"{law.b:.3f}",
+                     f"{law.c:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""), f"{100 * law.rmse:.1f} pp",
+                     "-" if f.fit.loo_error is None else f"{100 * f.fit.loo_error:.1f} pp",
+                     "-" if f.fit.extrapolation_error is None else f"{100 * f.fit.extrapolation_error:.1f} pp",
+                     f"{100 * f.beyond.accuracy:.1f}% (extrapolated)",
+                     *([reach] if target is not None else []))
+    console.print(grid)
+    typer.echo(f"wrote {out}")
