@@ -16,5 +16,8 @@ def test_run_file_against_a_misbehaving_server_loses_nothing_and_never_overspend
     assert report["answered"] + report["failed_cleanly_with_spend"] + report["unanswered"] \
         + report["nothing_drawn"] == 40
     assert report["requests"] >= report["minimum_requests"] and report["faults"]["hang"] >= 1
-    assert "lost" in proc.stdout and proc.returncode in (0, 1)
-    assert proc.returncode == (1 if report["failed_cleanly_with_spend"] else 0)
+    # the bench fails only on lost rows, violations, undercharging or a traceback; the run inside it
+    # exits 1 where some question failed (cleanly, with its spend in the row), which depends on how
+    # the hangs and resets fall between concurrent requests
+    assert "lost" in proc.stdout and proc.returncode == 0
+    assert report["exit_code"] == (1 if report["failed_cleanly_with_spend"] else 0)
