@@ -301,9 +301,8 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions, stopping: StopR
 @dataclass(slots=True)
 class _Pace:
     """The output rate and sample length seen so far in a run, to tell whether a round fits
-    before the deadline. Conservative on two counts: a round of n samples is taken to decode
-    them one after another at the rate measured over batched calls, and its samples to be as
-    long as the longest seen."""
+    before the deadline: a round of n samples is taken to cost n times the longest sample seen,
+    at the run's overall output rate so far (its calls' tokens over their wall time)."""
 
     tokens: int = 0
     seconds: float = 0.0
