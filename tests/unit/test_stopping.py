@@ -97,7 +97,8 @@ def test_parse_and_describe():
     assert parse_stop("esc").rounds == Rounds(4)
     for bad, message in (("magic", "unknown stop rule"), ("esc:window", "key=value"),
                          ("esc:size=3", "key=value"), ("beta:threshold=x", "must be a number"),
-                         ("beta:threshold=2", "threshold"), ("esc:window=1", "window")):
+                         ("beta:threshold=2", "threshold"), ("esc:window=1", "window"),
+                         ("give-up:round=0", "give-up: round must be >= 1")):
         with pytest.raises(ConfigError, match=message):
             parse_stop(bad)
 

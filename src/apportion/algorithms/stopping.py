@@ -132,6 +132,8 @@ class _FixedRounds(StopRule):
         return Rounds(self.round, growth=self.growth)
 
     def _check_rounds(self) -> None:
+        if self.round < 1:
+            raise ConfigError(f"{self.name}: round must be >= 1, got {self.round}")
         if self.growth < 1:
             raise ConfigError(f"{self.name}: growth must be >= 1, got {self.growth}")
 
@@ -178,8 +180,8 @@ class Beta(_FixedRounds):
         self._check_rounds()
         if not 0.5 < self.threshold < 1:
             raise ConfigError(f"beta: threshold must be in (0.5, 1), got {self.threshold}")
-        if self.round < 1 or self.draws < 100:
-            raise ConfigError("beta: round must be >= 1 and draws >= 100")
+        if self.draws < 100:
+            raise ConfigError(f"beta: draws must be >= 100, got {self.draws}")
 
     def decide(self, seen: Seen) -> str | None:
         votes = _votes(seen)
@@ -211,8 +213,8 @@ class RelativeGain(_FixedRounds):
 
     def __post_init__(self) -> None:
         self._check_rounds()
-        if self.epsilon <= 0 or self.min_samples < 2 or self.round < 1:
-            raise ConfigError("relative-gain: epsilon > 0, min_samples >= 2 and round >= 1 are required")
+        if self.epsilon <= 0 or self.min_samples < 2:
+            raise ConfigError("relative-gain: epsilon > 0 and min_samples >= 2 are required")
 
     def decide(self, seen: Seen) -> str | None:
         if len(seen.candidates) < self.min_samples or seen.previous < 1:
@@ -238,8 +240,8 @@ class ScoreThreshold(_FixedRounds):
 
     def __post_init__(self) -> None:
         self._check_rounds()
-        if not 0 < self.threshold <= 1 or self.round < 1:
-            raise ConfigError(f"score: threshold must be in (0, 1] and round >= 1, got {self.threshold}")
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"score: threshold must be in (0, 1], got {self.threshold}")
 
     def decide(self, seen: Seen) -> str | None:
         for c in seen.candidates:
@@ -260,8 +262,8 @@ class GiveUp(_FixedRounds):
 
     def __post_init__(self) -> None:
         self._check_rounds()
-        if self.min_samples < 2 or not 0 < self.max_share < 1 or self.round < 1:
-            raise ConfigError("give-up: min_samples >= 2, max_share in (0, 1) and round >= 1 are required")
+        if self.min_samples < 2 or not 0 < self.max_share < 1:
+            raise ConfigError("give-up: min_samples >= 2 and max_share in (0, 1) are required")
 
     def decide(self, seen: Seen) -> str | None:
         n = len(seen.candidates)

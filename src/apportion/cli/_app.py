@@ -150,6 +150,15 @@ TimeoutOpt = Annotated[str | None, typer.Option(
                       f"(default {DEFAULT_CONNECT_TIMEOUT_S:g},{DEFAULT_TIMEOUT_S:g}). A seconds budget shortens it.")]
 SystemPromptOpt = Annotated[str | None, typer.Option(
     "--system-prompt", help="System prompt ('' for none). Default asks for a final 'The answer is X' line.")]
+DataDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", help="Folder of the named datasets (default: shared/data).")]
+BenchConcurrencyOpt = Annotated[int | None, typer.Option(
+    "--concurrency", help="Questions in flight at once (default: 1 embedded, 4 over HTTP).")]
+
+
+def bench_concurrency(concurrency: int | None, base_url: str | None) -> int:
+    """The embedded backend decodes one request at a time; a server takes several."""
+    return concurrency or (4 if base_url else 1)
 
 
 def sampling_options(max_tokens: int, temperature: float, top_p: float, system_prompt: str | None) -> SamplingOptions:

@@ -27,6 +27,8 @@ from apportion.cli._app import (
     EXIT_USAGE,
     ApiKeyOpt,
     BaseUrlOpt,
+    BenchConcurrencyOpt,
+    DataDirOpt,
     MaxTokensOpt,
     ModelOpt,
     ModelPathOpt,
@@ -38,6 +40,7 @@ from apportion.cli._app import (
     TimeoutOpt,
     TopPOpt,
     app,
+    bench_concurrency,
     checked_preflight,
     fail,
     make_backend,
@@ -64,15 +67,14 @@ def bench(
     question_field: Annotated[str | None, typer.Option(help="Question field of a JSONL dataset.")] = None,
     answer_field: Annotated[str | None, typer.Option(help="Gold-answer field of a JSONL dataset.")] = None,
     level_field: Annotated[str | None, typer.Option(help="Difficulty-level field of a JSONL dataset.")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Folder of the named datasets (default: shared/data).")] = None,
+    data_dir: DataDirOpt = None,
     bank: Annotated[Path | None, typer.Option(
         help="Replay this sample bank (ours, or the shared math_cot file) instead of sampling.")] = None,
     live: Annotated[bool, typer.Option(help="Run every cell live instead of replaying a bank.")] = False,
     orders: Annotated[int, typer.Option(help="Random sample orders per replayed cell.")] = 100,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<dataset>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the bank already in --out.")] = False,
-    concurrency: Annotated[int | None, typer.Option(
-        help="Questions in flight at once (default: 1 embedded, 4 over HTTP).")] = None,
+    concurrency: BenchConcurrencyOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling and replay orders.")] = 0,
     peer: Annotated[list[str] | None, typer.Option(
         help="Also run a peer's own implementation: its_hub, optillm (repeatable).")] = None,
@@ -137,7 +139,7 @@ def bench(
             algorithms=tuple(_split(algorithms, "algorithms")),
             budgets=tuple(_ints(budgets)),
             sampling=sampling, scorer=scorer, live=live, orders=orders, seed=seed,
-            concurrency=concurrency or (4 if base_url else 1),
+            concurrency=bench_concurrency(concurrency, base_url),
             stops=tuple(parse_stop(s) for s in stop or ()),
         )
         if given_bank is not None:

@@ -17,12 +17,15 @@ from apportion.cli._app import (
     EXIT_USAGE,
     ApiKeyOpt,
     BaseUrlOpt,
+    BenchConcurrencyOpt,
+    DataDirOpt,
     ModelOpt,
     ModelPathOpt,
     PriceFileOpt,
     PriceOpt,
     SystemPromptOpt,
     TimeoutOpt,
+    bench_concurrency,
     checked_preflight,
     fail,
     make_backend,
@@ -43,10 +46,9 @@ def bench_prompts(
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens per sample.")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.0,
     system_prompt: SystemPromptOpt = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Folder of the named datasets (default: shared/data).")] = None,
+    data_dir: DataDirOpt = None,
     seed: Annotated[int, typer.Option(help="Seed; question i gets seed + i in every mode.")] = 0,
-    concurrency: Annotated[int | None, typer.Option(
-        help="Questions in flight at once (default: 1 embedded, 4 over HTTP).")] = None,
+    concurrency: BenchConcurrencyOpt = None,
     base_url: BaseUrlOpt = None,
     model: ModelOpt = None,
     api_key: ApiKeyOpt = None,
@@ -64,7 +66,7 @@ def bench_prompts(
             raise ConfigError(f"--limit must be >= 1, got {limit}")
         sampling = sampling_options(max_tokens, temperature, 1.0 if temperature == 0 else 0.95, system_prompt)
         config = PromptBenchConfig(tuple(mode or DEFAULT_MODES), samples, sampling, seed,
-                                   concurrency or (4 if base_url else 1))
+                                   bench_concurrency(concurrency, base_url))
         problems = load_dataset(dataset, data=data_dir, limit=limit)
         backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
     except ApportionError as exc:
