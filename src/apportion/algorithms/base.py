@@ -22,7 +22,7 @@ from apportion.budget.ledger import CallRecord, Ledger
 from apportion.budget.units import Budget
 from apportion.errors import BackendError, BudgetError, BudgetExhausted, ConfigError, RunFailed
 from apportion.lm.base import Backend, Completion, Prompt, Sample, SamplingParams
-from apportion.lm.metered import MeteredLM
+from apportion.lm.metered import MeteredLM, cut_afterwards_note
 from apportion.result import Candidate, Result
 
 # Chosen on the embedded model, greedy, first 40 MAWPS SingleOp questions: this prompt 7/40 right;
@@ -273,6 +273,10 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions, stopping: StopR
             return
         call += 1
         pace.add(completion)
+        if cut is not None and not caps.cut:  # the metered layer cut samples after drawing them: say so
+            cut_note = cut_afterwards_note(ctx.lm.backend.name)
+            if cut_note in completion.notes and cut_note not in ctx.notes:
+                ctx.notes.append(cut_note)
         yield [ctx.candidate(s) for s in completion.samples]
         if completion.error is not None:
             ctx.fail(completion.error)
@@ -291,11 +295,6 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions, stopping: StopR
                 ctx.stop_reason = reason
                 return
             cut = stopping.cut(view)
-            if cut is not None and not caps.cut:
-                note = (f"{ctx.lm.backend.name} cannot stop a sample mid-decode: samples were cut after they "
-                        "were drawn, and all their tokens are charged")
-                if note not in ctx.notes:
-                    ctx.notes.append(note)
 
 
 @dataclass(slots=True)

@@ -264,6 +264,11 @@ def _cut_afterwards(draw: _Draw, params: SamplingParams) -> list[Sample]:
             out.append(sample)
             continue
         out.append(Sample("", "cut", sample.output_tokens, sample.logprobs, sample.confidences))
-        draw.note(f"{draw.backend} cannot stop a sample mid-decode: samples were cut after they were drawn, "
-                  "and all their tokens are charged")
+        draw.note(cut_afterwards_note(draw.backend))
     return out
+
+
+def cut_afterwards_note(backend: str) -> str:
+    """What a call says when ``_cut_afterwards`` cut some of its samples (algorithms pass it on)."""
+    return (f"{backend} cannot stop a sample mid-decode: samples were cut after they were drawn, "
+            "and all their tokens are charged")
