@@ -67,7 +67,9 @@ async def replay(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, or
     if orders < 1:
         raise ConfigError("orders must be >= 1")
     eq = equivalence or Equivalence()
-    sampling = replace(sampling or SamplingOptions(), logprobs=bank.has_logprobs)
+    sampling = sampling or SamplingOptions()
+    # log-probabilities asked for only where the bank has them, and never against the caller's wish
+    sampling = replace(sampling, logprobs=sampling.logprobs and bank.has_logprobs)
     score = SCORERS[scorer](bank)
     grades = _Grades(bank, eq)
 
