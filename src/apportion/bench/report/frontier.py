@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
+from apportion.bench.pareto import non_dominated
 from apportion.bench.report.summary import Row
 
 
@@ -13,18 +13,10 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
 
     Returned in order of increasing cost (so of increasing value). A point that merely ties another
     on value at a higher cost is dominated; of exact duplicates only the first is kept, so each
-    frontier step has one label. Points with a non-finite coordinate are ignored.
+    frontier step has one label. Points with a non-finite coordinate are ignored. The two-axis case of
+    ``bench.pareto.non_dominated``, value negated since it is to be large.
     """
-    finite = [i for i, (cost, value) in enumerate(points) if math.isfinite(cost) and math.isfinite(value)]
-    # cheapest first; at equal cost the most valuable first, so the sweep keeps it and drops the rest
-    order = sorted(finite, key=lambda i: (points[i][0], -points[i][1], i))
-    frontier: list[int] = []
-    best = -math.inf
-    for i in order:
-        if points[i][1] > best:
-            frontier.append(i)
-            best = points[i][1]
-    return frontier
+    return non_dominated([(cost, -value) for cost, value in points])
 
 
 def frontier_rows(rows: Sequence[Row]) -> list[Row]:
