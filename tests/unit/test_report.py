@@ -119,7 +119,9 @@ def test_writes_every_plot_and_the_page_into_run_dir_report(report: ReportFiles)
 def test_plots_are_real_pngs_with_something_drawn(report: ReportFiles, name: str) -> None:
     path = report.out_dir / name
     data = path.read_bytes()
-    assert png_size(data) == (1200, 672)  # 10 x 5.6 inches at 120 dpi
+    # 10 x 5.6 inches at 120 dpi; the Pareto plot has a latency panel beside the cost one (12 inches) and a
+    # legend of five rows, which grows the figure by 0.24 inches a row past two
+    assert png_size(data) == ((1440, 758) if name == "pareto.png" else (1200, 672))
     assert len(data) > 20_000
     pixels = (imread(path)[..., :3] * 255).astype(np.uint32)
     colours = pixels[..., 0] << 16 | pixels[..., 1] << 8 | pixels[..., 2]
@@ -150,14 +152,16 @@ def test_no_by_level_plot_when_the_dataset_has_no_levels(tmp_path: Path) -> None
     assert not (files.out_dir / "by_level.png").exists()
 
 
-def test_rows_without_tokens_get_no_tokens_plots_and_the_page_says_so(tmp_path: Path) -> None:
+def test_rows_without_tokens_get_no_tokens_plots_and_a_frontier_over_generations(tmp_path: Path) -> None:
     summary = fixture_summary()
     for row in summary["rows"]:
         row["tokens"] = row["input_tokens"] = row["output_tokens"] = None
         row["by_level"] = {}
     files = write_report(write_run(tmp_path, summary))
-    assert [p.name for p in files.plots] == ["accuracy_vs_budget.png"]
-    assert "No row reports tokens" in files.html.read_text()
+    assert [p.name for p in files.plots] == ["accuracy_vs_budget.png", "pareto.png"]
+    page = files.html.read_text()
+    assert "Cost is mean generations per question" in page
+    assert read_tables(page)["frontier"][0][3] == "1.00"
 
 
 def test_builds_no_pyplot_state(tmp_path: Path) -> None:
@@ -209,7 +213,26 @@ def test_page_lists_every_row_with_its_figures(report: ReportFiles) -> None:
 def test_page_lists_the_frontier(report: ReportFiles) -> None:
     tables = read_tables(report.html.read_text())
     assert [r[0] for r in tables["frontier"]] == EXPECTED_FRONTIER
-    assert tables["frontier"][-1][1:] == ["apportion: self-consistency", "16", "5,062.4", "35.5% [28.9, 42.1]"]
+    # without weights the utility is the accuracy in points, and the most accurate row wins; 1523.2 s of
+    # estimated wall time over 200 questions
+    assert tables["frontier"][-1][1:] == ["apportion: self-consistency", "16", "5,062.4", "~7.62",
+                                          "35.5% [28.9, 42.1]", "35.5 [28.9, 42.1]"]
+    assert re.search(r'<tr class="winner"><td><span[^>]*></span>SC@16</td>', report.html.read_text())
+
+
+def test_the_report_uses_the_cost_and_weights_bench_pareto_chose(tmp_path: Path) -> None:
+    from apportion.bench.pareto import Weights, analyse, save
+
+    run = write_run(tmp_path, fixture_summary())
+    # 20 points per 1,000 tokens: SC@1 at 406.4 tokens scores 21.5 - 8.1 = 13.4, its_hub SC@1 21.0 - 8.0 = 13.0,
+    # BoN@2 25.0 - 14.3 = 10.7; the rest cost more than they gain
+    save(run, analyse(load_summary(run).rows, "tokens", Weights(cost=20)))
+    page = write_report(run).html.read_text()
+    assert re.search(r'<tr class="winner"><td><span[^>]*></span>SC@1</td>', page)
+    assert "w_cost = 20 (accuracy points per 1,000 tokens)" in page
+    (run / "pareto.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"pareto\.json is not a pareto\.json"):
+        write_report(run)
 
 
 def test_page_gives_each_curve_its_anytime_index(report: ReportFiles) -> None:

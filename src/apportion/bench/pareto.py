@@ -59,6 +59,7 @@ def non_dominated(points: Sequence[Sequence[float]]) -> list[int]:
 class CostUnit:
     name: str
     column: str
+    meaning: str
     per: float
     """The cost weight is in accuracy points per this much of the unit."""
     weight_unit: str
@@ -79,9 +80,11 @@ def _generations(row: Row) -> float | None:
 
 
 COST_UNITS = {
-    "tokens": CostUnit("tokens", "mean tokens", 1000.0, "accuracy points per 1,000 tokens", _tokens),
-    "usd": CostUnit("usd", "$ / question", 1.0, "accuracy points per dollar", _usd),
-    "generations": CostUnit("generations", "mean generations", 1.0, "accuracy points per generation", _generations),
+    "tokens": CostUnit("tokens", "mean tokens", "mean tokens per question (input + output)", 1000.0,
+                       "accuracy points per 1,000 tokens", _tokens),
+    "usd": CostUnit("usd", "$ / question", "mean dollars per question", 1.0, "accuracy points per dollar", _usd),
+    "generations": CostUnit("generations", "mean generations", "mean generations per question", 1.0,
+                            "accuracy points per generation", _generations),
 }
 LATENCY_UNIT = "accuracy points per second"
 
@@ -195,7 +198,7 @@ class Pareto:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "cost": self.cost.name, "cost_column": self.cost.column,
+            "cost": self.cost.name, "cost_is": self.cost.meaning,
             "latency": "wall seconds per question" if self.latency else None,
             "weights": {"cost": self.weights.cost, "latency": self.weights.latency,
                         "units": {"cost": self.cost.weight_unit, "latency": LATENCY_UNIT}},

@@ -6,7 +6,10 @@ The input is the ``summary.json`` that ``apportion bench`` writes. Rows sharing
 - ``accuracy_vs_budget.png``: accuracy against generations per question, 95% CI bands;
 - ``accuracy_vs_tokens.png``: the same curves against mean tokens per question, the honest
   x-axis, since algorithms and peers spend very different tokens per generation;
-- ``pareto.png``: every point, with the frontier of best accuracy for at most that many tokens;
+- ``pareto.png``: every point by cost (mean tokens, else generations; or what ``apportion bench pareto``
+  last chose, from ``pareto.json``) and accuracy, and by wall seconds per question in a second panel
+  where the rows have wall times, with the frontier over those axes and the utility winner
+  (``bench.pareto``);
 - ``stopping.png``: the stopping rules' rows (``apportion bench --stop``) as points beside the uniform
   curve they stop early and under the oracle ceiling (pass@k), against mean generations and mean
   tokens, written only when the run has such rows;
@@ -21,9 +24,10 @@ or attached to an issue. Figures are drawn on ``matplotlib.figure.Figure`` with 
 never through pyplot, so building a report leaves no global figure state behind.
 
 The package: ``summary`` reads and checks ``summary.json`` into dataclasses, ``curves`` groups its rows
-into curves and names their points, ``frontier`` finds the Pareto frontier, ``stopping`` sets each
-stopping rule's row beside its uniform curve, ``plots`` (with ``labels``,
-which places the frontier's labels) draws the PNGs, and ``page`` writes the HTML. This module holds
+into curves and names their points, ``frontier`` finds the two-axis Pareto frontier (``bench.pareto`` the
+frontier and utility over cost, latency and accuracy), ``stopping`` sets each stopping rule's row beside its
+uniform curve, ``plots`` and ``pareto_plot`` (with ``labels``, which places the frontier's labels) draw the
+PNGs, and ``page`` writes the HTML. This module holds
 ``write_report``, which ties them together, and re-exports the public names.
 """
 
@@ -35,14 +39,15 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
+from apportion.bench.pareto import analyse, load_choice
 from apportion.bench.report.curves import Curve, build_curves, curve_anytime, point_label
-from apportion.bench.report.frontier import frontier_rows, pareto_frontier
+from apportion.bench.report.frontier import _plottable_tokens, frontier_rows, pareto_frontier
 from apportion.bench.report.page import render_html
+from apportion.bench.report.pareto_plot import plot_pareto
 from apportion.bench.report.plots import (
     plot_accuracy_vs_budget,
     plot_accuracy_vs_tokens,
     plot_by_level,
-    plot_pareto,
     plot_stopping,
 )
 from apportion.bench.report.stopping import StopFigure, stop_figures
@@ -89,17 +94,17 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
     out = Path(out_dir) if out_dir is not None else base / "report"
     out.mkdir(parents=True, exist_ok=True)
     curves = build_curves(summary.rows)
-    frontier = frontier_rows([r for c in curves for r in c.rows])
+    pareto = analyse(summary.rows, *load_choice(base))
     with matplotlib.rc_context(STYLE):
         plots = [plot_accuracy_vs_budget(summary, curves, out / "accuracy_vs_budget.png")]
         # without token counts the tokens axes would be empty frames; the page says why they are missing
-        if frontier:
+        if any(_plottable_tokens(r) for r in summary.rows):
             plots.append(plot_accuracy_vs_tokens(summary, curves, out / "accuracy_vs_tokens.png"))
-            plots.append(plot_pareto(summary, curves, frontier, out / "pareto.png"))
+        plots.append(plot_pareto(summary, curves, pareto, out / "pareto.png"))
         stops = stop_figures(summary, curves)
         stopping = plot_stopping(summary, stops, out / "stopping.png")
         by_level = plot_by_level(summary, curves, out / "by_level.png")
     plots += [p for p in (stopping, by_level) if p is not None]
     page = out / "report.html"
-    page.write_text(render_html(summary, curves, frontier, plots, stops), encoding="utf-8")
+    page.write_text(render_html(summary, curves, pareto, plots, stops), encoding="utf-8")
     return ReportFiles(out_dir=out, html=page, plots=tuple(plots))

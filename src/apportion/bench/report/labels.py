@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -41,8 +41,12 @@ FAR_SPOTS = (
 )
 
 
-def _label_frontier(fig: Figure, ax: Axes, frontier: Sequence[Row], points: Sequence[tuple[float, float]]) -> None:
+def _label_frontier(fig: Figure, ax: Axes, frontier: Sequence[Row], points: Sequence[tuple[float, float]],
+                    x_of: Callable[[Row], float] = _placed_tokens, steps: bool = True) -> None:
     """Label each frontier point at the first spot that covers no point, no other label and stays in the axes.
+
+    ``x_of`` places a row on the x axis (mean tokens unless told); ``steps``: the frontier is drawn as a
+    step line, whose segments the labels keep clear of too.
 
     Where every spot collides, the one covering least wins: a label overlapping a little beats a missing one,
     and the HTML page lists the frontier in full anyway.
@@ -55,12 +59,13 @@ def _label_frontier(fig: Figure, ax: Axes, frontier: Sequence[Row], points: Sequ
     renderer = canvas.get_renderer()
     inside = ax.get_window_extent(renderer)
     taken = [Bbox.from_extents(x - 5, y - 5, x + 5, y + 5) for x, y in ax.transData.transform(points)]
-    taken += _step_boxes(ax, frontier)
+    if steps:
+        taken += _step_boxes(ax, frontier, x_of)
     # from the top down: a crowded lower neighbour then takes a spot below its upper one, which reads right
     for row in reversed(frontier):
         best: tuple[float, Annotation, Bbox] | None = None
         for spot in (*NEAR_SPOTS, *FAR_SPOTS):
-            label = _frontier_label(ax, row, spot, leader=spot in FAR_SPOTS)
+            label = _frontier_label(ax, row, x_of(row), spot, leader=spot in FAR_SPOTS)
             label.update_positions(renderer)
             box = Text.get_window_extent(label, renderer).padded(2)  # the text alone, not its leader line
             cost = _covered(box, taken) + 100 * (box.width * box.height - _area(Bbox.intersection(box, inside)))
@@ -76,19 +81,19 @@ def _label_frontier(fig: Figure, ax: Axes, frontier: Sequence[Row], points: Sequ
             taken.append(best[2])
 
 
-def _frontier_label(ax: Axes, row: Row, spot: tuple[tuple[int, int], str, str], leader: bool) -> Annotation:
+def _frontier_label(ax: Axes, row: Row, x: float, spot: tuple[tuple[int, int], str, str], leader: bool) -> Annotation:
     offset, ha, va = spot
     arrow = {"arrowstyle": "-", "color": "#777777", "linewidth": 0.7, "shrinkA": 0, "shrinkB": 4} if leader else None
-    return ax.annotate(point_label(row), (_placed_tokens(row), row.accuracy), xytext=offset, textcoords="offset points",
+    return ax.annotate(point_label(row), (x, row.accuracy), xytext=offset, textcoords="offset points",
                        ha=ha, va=va, fontsize=9, arrowprops=arrow, zorder=5,
                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
 
 
-def _step_boxes(ax: Axes, frontier: Sequence[Row]) -> list[Bbox]:
+def _step_boxes(ax: Axes, frontier: Sequence[Row], x_of: Callable[[Row], float]) -> list[Bbox]:
     """Thin boxes around the segments of the frontier's step line, which labels should not hide either."""
     if len(frontier) < 2:
         return []
-    corners = ax.transData.transform([(_placed_tokens(r), r.accuracy) for r in frontier])
+    corners = ax.transData.transform([(x_of(r), r.accuracy) for r in frontier])
     boxes = []
     for (x0, y0), (x1, y1) in itertools.pairwise(corners):
         boxes.append(Bbox.from_extents(x0, y0 - 2, x1, y0 + 2))  # along, at the lower accuracy

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from apportion.bench.pareto import Pareto, Point, format_cost
 from apportion.bench.report.curves import Curve, _curve_label, curve_anytime, point_label
 from apportion.bench.report.stopping import StopFigure
 from apportion.bench.report.summary import Row, Summary, _subtitle
@@ -22,7 +23,8 @@ h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: .9rem; margin: .5rem 0; }
 th, td { padding: .25rem .6rem; border-bottom: 1px solid #eee; text-align: left; vertical-align: top; }
 th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-tr.frontier td { font-weight: 600; } .swatch { display: inline-block; width: .8em; height: .8em; margin-right: .4em;
+tr.frontier td { font-weight: 600; } tr.winner td { background: #fff6cc; }
+.swatch { display: inline-block; width: .8em; height: .8em; margin-right: .4em;
        border-radius: 2px; vertical-align: baseline; }
 table.meta th { width: 9rem; } table.config td { font-family: ui-monospace, Menlo, monospace; font-size: .85rem; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
@@ -30,7 +32,7 @@ figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; border: 1
 """
 
 
-def render_html(summary: Summary, curves: Sequence[Curve], frontier: Sequence[Row], plots: Sequence[Path],
+def render_html(summary: Summary, curves: Sequence[Curve], pareto: Pareto, plots: Sequence[Path],
                 stops: Sequence[StopFigure] = ()) -> str:
     e = html.escape
     title = f"apportion report: {summary.run}"
@@ -42,12 +44,12 @@ def render_html(summary: Summary, curves: Sequence[Curve], frontier: Sequence[Ro
         "<h2>Plots</h2>",
         *(_embedded_png(p) for p in plots),
         "<h2>All rows</h2>",
-        _rows_table(curves, frontier),
+        _rows_table(curves, pareto),
         *(["<h2>Stopping rules</h2>", _stopping_table(stops)] if stops else []),
         "<h2>Anytime index</h2>",
         _anytime_table(curves),
         "<h2>Pareto frontier</h2>",
-        _frontier_table(frontier, curves),
+        _frontier_table(pareto, curves),
     ]
     body = "\n".join(sections)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(title)}</title>\n'
@@ -90,15 +92,17 @@ def _embedded_png(path: Path) -> str:
 
 ROW_HEADERS = ("system", "algorithm", "scorer", "budget", "mode", "accuracy [95% CI]", "± std (orders)",
                "in tokens", "out tokens", "$ / question", "wall s", "errors")
-FRONTIER_HEADERS = ("point", "curve", "budget", "mean tokens", "accuracy [95% CI]")
-NUMERIC = {"budget", "pp per generation", "pp per 1k tokens", "uniform at full budget", "Δ accuracy",
-           "generations used", "share of full-budget tokens", "oracle pass@k",
+FRONTIER_HEADERS = ("point", "curve", "budget", "cost", "s / question", "accuracy [95% CI]", "utility [95%]")
+NUMERIC = {"budget", "cost", "s / question", "utility [95%]", "pp per generation", "pp per 1k tokens",
+           "uniform at full budget", "Δ accuracy", "generations used", "share of full-budget tokens", "oracle pass@k",
            "mean tokens", "accuracy [95% CI]", "± std (orders)", "in tokens", "out tokens", "$ / question",
            "wall s", "errors"}
 
 
-def _rows_table(curves: Sequence[Curve], frontier: Sequence[Row]) -> str:
-    on_frontier = {id(r) for r in frontier}
+def _rows_table(curves: Sequence[Curve], pareto: Pareto) -> str:
+    # rows tied exactly with a frontier point are as much on the frontier as the one standing for them
+    indices = {i for p in pareto.frontier for i in (p.index, *p.ties)}
+    on_frontier = {id(p.row) for p in pareto.points if p.index in indices}
     head = "".join(f"<th>{html.escape(h)}</th>" for h in ROW_HEADERS)
     lines = []
     for curve in curves:
@@ -182,19 +186,52 @@ def _signed(value: float | None, scale: float) -> str:
     return "—" if value is None else f"{scale * value:+.3f}"
 
 
-def _frontier_table(frontier: Sequence[Row], curves: Sequence[Curve]) -> str:
-    if not frontier:
-        return '<p class="note">No row reports tokens, so there is no frontier and no plot against tokens.</p>'
+def _frontier_table(pareto: Pareto, curves: Sequence[Curve]) -> str:
     colors = {id(r): c.color for c in curves for r in c.rows}
+    head = "".join(f"<th>{html.escape(pareto.cost.column if h == 'cost' else h)}</th>" for h in FRONTIER_HEADERS)
     lines = []
-    for r in frontier:
-        cells = [_curve_label(r.system, r.algorithm, r.scorer), str(r.budget), _tokens(r.tokens), _accuracy_ci(r)]
+    for p in pareto.frontier:
+        r = p.row
+        cells = [_curve_label(r.system, r.algorithm, r.scorer), str(r.budget), format_cost(pareto.cost, p.cost),
+                 "—" if p.latency is None else f"{'~' if r.wall_estimated else ''}{p.latency:,.2f}",
+                 _accuracy_ci(r), _utility(p)]
         rendered = "".join(_td(h, v) for h, v in zip(FRONTIER_HEADERS[1:], cells))
-        lines.append(f"<tr><td>{_swatch(colors[id(r)])}{html.escape(point_label(r))}</td>{rendered}</tr>")
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in FRONTIER_HEADERS)
-    note = ('<p class="note">Each row is the most accurate configuration for at most its mean tokens per question; '
-            "every other row is matched or beaten by one of these at no more tokens.</p>")
-    return f'<table id="frontier"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>\n{note}'
+        cls = ' class="winner"' if p is pareto.winner else ""
+        lines.append(f"<tr{cls}><td>{_swatch(colors[id(r)])}{html.escape(point_label(r))}</td>{rendered}</tr>")
+    table = f'<table id="frontier"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>'
+    return f'<div class="scroll">{table}</div>\n{_frontier_note(pareto)}'
+
+
+def _frontier_note(pareto: Pareto) -> str:
+    e = html.escape
+    axes = "cost, latency and accuracy" if pareto.latency else "cost and accuracy"
+    w = pareto.weights
+    weights = (f"w_cost = {w.cost:g} ({pareto.cost.weight_unit})"
+               + (f", w_latency = {w.latency:g} (accuracy points per second)" if pareto.latency else ""))
+    per = f"{pareto.cost.name} / {pareto.cost.per:,.0f}" if pareto.cost.per != 1 else pareto.cost.name
+    latency = " − w_latency × seconds" if pareto.latency else ""
+    winner = f"<strong>{e(point_label(pareto.winner.row))}</strong>, U = {e(_utility(pareto.winner))}"
+    if pareto.runner_up is not None:
+        runner = f"{e(point_label(pareto.runner_up.row))}, U = {e(_utility(pareto.runner_up))}"
+        verdict = {True: "its interval lies wholly above the runner-up's",
+                   False: f"their intervals overlap, so the data do not tell them apart ({len(pareto.close)} "
+                          "other configuration(s) reach the winner's interval)",
+                   None: "without accuracy intervals the gap cannot be judged"}[pareto.separated]
+        winner += f"; runner-up {runner}: {e(verdict)}"
+    notes = "".join(f" {e(n[0].upper() + n[1:])}." for n in pareto.notes)
+    return (f'<p class="note">The frontier over {axes}: no other configuration is at least as good on every one '
+            f"and better on one. Cost is {e(pareto.cost.meaning)}; latency is the cell's wall seconds "
+            "per question (“~”: estimated from the bank's request times). Rows tied exactly are one point; "
+            f"the first stands for them.{notes}</p>\n"
+            f'<p class="note">Utility U = 100 × accuracy − w_cost × {e(per)}{latency}, in accuracy points, with '
+            f"{e(weights)}: <code>apportion bench pareto RUN_DIR --weights cost=W,latency=W</code> sets them "
+            f"(in the run's pareto.json, which this page reads). The highlighted row maximises it: {winner}.</p>")
+
+
+def _utility(p: Point) -> str:
+    if p.utility_interval is None:
+        return f"{p.utility:.1f}"
+    return f"{p.utility:.1f} [{p.utility_interval[0]:.1f}, {p.utility_interval[1]:.1f}]"
 
 
 def _pct(x: float) -> str:

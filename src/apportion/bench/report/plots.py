@@ -1,7 +1,7 @@
-"""The PNG plots: accuracy against budget and against tokens, the Pareto frontier, accuracy by level.
+"""The PNG plots: accuracy against budget and against tokens, stopping rules, accuracy by level (the Pareto
+frontier's is in ``pareto_plot``).
 
-Drawn on ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot. The labels of the
-frontier's points are placed by ``labels``.
+Drawn on ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from apportion.bench.report.curves import Curve
-from apportion.bench.report.frontier import _placed_tokens, _plottable_tokens
-from apportion.bench.report.labels import _label_frontier, _pad_log_x
+from apportion.bench.report.frontier import _plottable_tokens
 from apportion.bench.report.stopping import StopFigure, uniform_curves
 from apportion.bench.report.summary import OraclePoint, Row, Summary, _subtitle
 
@@ -138,43 +137,6 @@ def _log_tokens_axis(ax: Axes) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("mean tokens per question (input + output, log scale)")
-
-
-def plot_pareto(summary: Summary, curves: Sequence[Curve], frontier: Sequence[Row], path: Path) -> Path:
-    fig, ax = _figure()
-    handles = _scatter_points(ax, curves, frontier)
-    if frontier:
-        xs = [_placed_tokens(r) for r in frontier]
-        ys = [r.accuracy for r in frontier]
-        right = max(_placed_tokens(r) for c in curves for r in c.rows if _plottable_tokens(r))
-        handles.extend(ax.step([*xs, right], [*ys, ys[-1]], where="post", color="black", linewidth=1.4, zorder=2,
-                               label="Pareto frontier"))
-    _log_tokens_axis(ax)
-    _pad_log_x(ax, left=0.35)
-    ax.margins(y=0.1)  # headroom for the labels of the top frontier points
-    ax.set_ylabel("accuracy")
-    _decorate(fig, ax, summary, "Accuracy for tokens: Pareto frontier", handles)
-    points = [(_placed_tokens(r), r.accuracy) for c in curves for r in c.rows if _plottable_tokens(r)]
-    _label_frontier(fig, ax, frontier, points)
-    fig.savefig(path, dpi=DPI, format="png", facecolor="white")
-    return path
-
-
-def _scatter_points(ax: Axes, curves: Sequence[Curve], frontier: Sequence[Row]) -> list[Artist]:
-    on_frontier = {id(r) for r in frontier}
-    handles: list[Artist] = []
-    for curve in curves:
-        rows = [r for r in curve.rows if _plottable_tokens(r)]
-        if not rows:
-            continue
-        # dominated points faded and underneath, so the eye goes to the frontier, also where points tie
-        for top, alpha, zorder in ((False, 0.35, 3), (True, 1.0, 4)):
-            chosen = [r for r in rows if (id(r) in on_frontier) == top]
-            ax.scatter([_placed_tokens(r) for r in chosen], [r.accuracy for r in chosen], marker=curve.marker,
-                       color=curve.color, alpha=alpha, s=42, zorder=zorder, edgecolors="none")
-        # the scatter's own legend entry would take the alpha of its first point, often a faded one
-        handles.append(Line2D([], [], linestyle="none", marker=curve.marker, color=curve.color, label=curve.label))
-    return handles
 
 
 def plot_stopping(summary: Summary, figures: Sequence[StopFigure], path: Path) -> Path | None:
