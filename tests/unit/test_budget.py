@@ -185,3 +185,61 @@ def test_child_ledger_rolls_up_and_respects_parent():
     assert child.spend().generations == 8
     assert child.deadline() == parent.deadline() == 105
     assert len(parent.trace) == 0  # no records were passed; records roll up only when given
+
+
+# -- tool calls ------------------------------------------------------------------------------
+
+
+def test_tool_calls_parse_format_and_serialise():
+    b = Budget.parse("gen=8,tool_calls=4")
+    assert b == Budget(generations=8, tool_calls=4) == Budget.parse("gen=8, tools=4") == Budget.parse("gen=8,tool=4")
+    assert Budget.parse(str(b)) == b and str(b) == "generations=8,tool_calls=4"
+    assert b.to_dict()["tool_calls"] == 4 and Budget(generations=1).to_dict()["tool_calls"] is None
+    assert Budget.parse("tool_calls=3").limits() == {"tool_calls": 3}
+    with pytest.raises(BudgetError, match="whole number"):
+        Budget.parse("tool_calls=1.5")
+    with pytest.raises(BudgetError, match="must be > 0"):
+        Budget(tool_calls=0)
+
+
+def test_tool_runs_are_reserved_and_settled_apart_from_samples():
+    ledger = Ledger(Budget(generations=2, total_tokens=100, tool_calls=3))
+    g = ledger.reserve(Ask(n=2, max_tokens=10, prompt_tokens=10))
+    assert ledger.remaining().tool_calls == 3  # a sample takes no tool call
+    tools = ledger.reserve(Ask.tool(5))
+    assert (tools.n, tools.kind, tools.clamped, tools.worst) == (3, "tool", True, Usage(tool_calls=3))
+    assert ledger.remaining().tool_calls == 0 and ledger.remaining().total_tokens == 70  # no tokens reserved
+    assert ledger.reserve(Ask.tool()) is None and ledger.exhausted_reason == "tool_calls: none left"
+    with pytest.raises(BudgetError, match="tool calls"):
+        ledger.settle(tools, Usage(tool_calls=4))
+    ledger.settle(tools, Usage(tool_calls=2))
+    ledger.settle(g, Usage(2, 10, 20))
+    spend = ledger.spend()
+    assert (spend.tool_calls, spend.generations, spend.total_tokens, spend.calls) == (2, 2, 30, 2)
+    assert spend.to_dict()["tool_calls"] == 2 and ledger.remaining().tool_calls == 1
+    assert not spend.violations(Budget(tool_calls=2))
+    assert spend.violations(Budget(tool_calls=1)) == ["tool_calls: 2 > 1"]
+
+
+def test_tool_runs_are_unlimited_without_a_tool_limit_but_stop_at_the_deadline():
+    clock = FakeClock()
+    ledger = Ledger(Budget(generations=1, seconds=5), clock=clock)
+    grant = ledger.reserve(Ask.tool(50))
+    assert grant.n == 50 and ledger.remaining().generations == 1
+    ledger.release(grant)
+    clock.now += 5
+    assert ledger.reserve(Ask.tool()) is None and ledger.exhausted_reason.startswith("seconds")
+
+
+def test_a_tool_ask_asks_for_no_tokens_and_a_parent_limit_binds_a_child():
+    with pytest.raises(BudgetError, match="invalid ask"):
+        Ask(n=1, max_tokens=10, prompt_tokens=0, kind="tool")
+    with pytest.raises(BudgetError, match="invalid ask"):
+        Ask(n=1, max_tokens=0, prompt_tokens=0)
+    parent = Ledger(Budget(tool_calls=2))
+    child = parent.child(Budget(tool_calls=5))
+    grant = child.reserve(Ask.tool(4))
+    assert grant.n == 2
+    child.settle(grant, Usage(tool_calls=2))
+    assert parent.spend().tool_calls == child.spend().tool_calls == 2
+    assert child.reserve(Ask.tool()) is None and child.exhausted_reason.startswith("parent budget: tool_calls")

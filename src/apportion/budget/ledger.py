@@ -23,11 +23,13 @@ from apportion.errors import BudgetError
 
 _grant_ids = itertools.count(1)
 
-CALL_KINDS = ("policy", "scorer", "continuation", "planning")
+CALL_KINDS = ("policy", "scorer", "continuation", "planning", "tool")
 """What a call is for. "policy" samples answer the question and count as generations. The others
 are charged tokens, dollars and time and counted apart: "scorer" (judges), "continuation" (more of
 a solution already counted, as budget forcing makes), "planning" (a call that decides how to
-answer, such as TALE's token-budget estimate)."""
+answer, such as TALE's token-budget estimate). "tool" is a run of a tool, not of the model (a
+sandboxed program): its ``n`` is tool calls, limited by ``Budget.tool_calls`` and the deadline; it
+asks for no tokens (``Ask.tool``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +49,18 @@ class Ask:
     """Below this many output tokens a sample is not worth starting: refuse instead."""
 
     def __post_init__(self) -> None:
-        if self.n < 1 or self.max_tokens < 1 or self.prompt_tokens < 0 or self.min_tokens < 1:
-            raise BudgetError(f"invalid ask: {self}")
         if self.kind not in CALL_KINDS:
             raise BudgetError(f"call kind must be one of {CALL_KINDS}, got {self.kind!r}")
+        # A tool run is reserved through the same protocol, but pays in tool calls, never in tokens.
+        tokens_ok = (self.max_tokens == 0 and self.prompt_tokens == 0) if self.kind == "tool" else (
+            self.max_tokens >= 1 and self.prompt_tokens >= 0)
+        if self.n < 1 or self.min_tokens < 1 or not tokens_ok:
+            raise BudgetError(f"invalid ask: {self}")
+
+    @classmethod
+    def tool(cls, n: int = 1) -> Ask:
+        """``n`` tool runs (no tokens: the worst case of a run is the run itself)."""
+        return cls(n=n, max_tokens=0, prompt_tokens=0, kind="tool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +104,7 @@ class CallRecord:
             "max_tokens_asked": self.max_tokens_asked,
             "max_tokens_granted": self.max_tokens_granted,
             "generations": self.usage.generations,
+            "tool_calls": self.usage.tool_calls,
             "input_tokens": self.usage.input_tokens,
             "output_tokens": self.usage.output_tokens,
             "usage_estimated": self.usage.estimated,
@@ -114,8 +125,12 @@ class _Tally:
     input_tokens: int = 0
     output_tokens: int = 0
     usd: Fraction = Fraction(0)
+    tool_calls: int = 0
 
     def add(self, usage: Usage, usd: Fraction, kind: str, sign: int = 1) -> None:
+        self.tool_calls += sign * usage.tool_calls
+        if kind == "tool":  # its usage has no generations or tokens to count
+            return
         if kind == "scorer":
             self.scorer_generations += sign * usage.generations
         elif kind == "continuation":
@@ -139,6 +154,7 @@ class Remaining:
     total_tokens: int | None
     usd: Fraction | None
     seconds: float | None
+    tool_calls: int | None = None
 
 
 class Ledger:
@@ -207,6 +223,7 @@ class Ledger:
             ),
             usd=None if self._usd_limit is None else self._usd_limit - s.usd - r.usd,
             seconds=self.seconds_left(),
+            tool_calls=left(b.tool_calls, s.tool_calls + r.tool_calls),
         )
 
     def spend(self) -> Spend:
@@ -217,6 +234,7 @@ class Ledger:
                 scorer_generations=s.scorer_generations,
                 continuations=s.continuations,
                 planning_generations=s.planning_generations,
+                tool_calls=s.tool_calls,
                 input_tokens=s.input_tokens,
                 output_tokens=s.output_tokens,
                 usd=s.usd,
@@ -247,7 +265,7 @@ class Ledger:
                 n, max_tokens, gid = upstream.n, upstream.max_tokens, upstream.id
             else:
                 gid = next(_grant_ids)
-            worst = worst_usage(n, max_tokens, ask.prompt_tokens)
+            worst = Usage(tool_calls=n) if ask.kind == "tool" else worst_usage(n, max_tokens, ask.prompt_tokens)
             worst_usd = ask.price.cost(worst.input_tokens, worst.output_tokens)
             grant = Grant(gid, n, max_tokens, worst, worst_usd, ask.price, ask.kind,
                           clamped=(n, max_tokens) != (ask.n, ask.max_tokens))
@@ -264,6 +282,9 @@ class Ledger:
         """
         if usage.generations > grant.n:
             raise BudgetError(f"grant {grant.id} allowed {grant.n} generations, settled with {usage.generations}")
+        if usage.tool_calls > grant.worst.tool_calls:
+            raise BudgetError(f"grant {grant.id} allowed {grant.worst.tool_calls} tool calls, "
+                              f"settled with {usage.tool_calls}")
         usd = grant.price.cost(usage.input_tokens, usage.output_tokens)
         over = overrun(grant, usage)
         with self._lock:
@@ -294,6 +315,28 @@ class Ledger:
         """A sub-ledger: its calls must fit both its own budget and this one's."""
         return Ledger(budget, parent=self, clock=self._clock)
 
+    def top_up(self, budget: Budget) -> None:
+        """Replace this ledger's limits by ``budget`` (a batch allocator giving a prompt more, or
+        setting its share for the next round). A limit below what is already spent or reserved
+        in its unit is refused: spend cannot be undone. The deadline keeps its start."""
+        with self._lock:
+            used = Remaining(
+                generations=self._spent.generations + self._reserved.generations,
+                input_tokens=self._spent.input_tokens + self._reserved.input_tokens,
+                output_tokens=self._spent.output_tokens + self._reserved.output_tokens,
+                total_tokens=(self._spent.input_tokens + self._spent.output_tokens
+                              + self._reserved.input_tokens + self._reserved.output_tokens),
+                usd=self._spent.usd + self._reserved.usd,
+                seconds=None,
+            )
+            for unit in ("generations", "input_tokens", "output_tokens", "total_tokens", "usd"):
+                limit = getattr(budget, unit)
+                if limit is not None and to_fraction(limit) < getattr(used, unit):
+                    raise BudgetError(f"cannot set {unit} to {limit}: {getattr(used, unit)} already spent or reserved")
+            self.budget = budget
+            self._usd_limit = to_fraction(budget.usd) if budget.usd is not None else None
+            self.exhausted_reason = None
+
     # -- clamping ------------------------------------------------------------------------------
 
     def _fit(self, ask: Ask, rem: Remaining) -> tuple[int, int] | str:
@@ -301,6 +344,12 @@ class Ledger:
         tokens as fit. Truncating one sample beats truncating all of them."""
         if rem.seconds is not None and rem.seconds <= 0:
             return "seconds: deadline reached"
+        if ask.kind == "tool":
+            if rem.tool_calls is None:
+                return ask.n, 0
+            if rem.tool_calls < 1:
+                return "tool_calls: none left"
+            return min(ask.n, rem.tool_calls), 0
         n_cap = ask.n
         if ask.kind == "policy" and rem.generations is not None:
             if rem.generations < 1:

@@ -14,7 +14,7 @@ from typing import Any
 from apportion.errors import BudgetError
 
 TOKEN_UNITS = ("input_tokens", "output_tokens", "total_tokens")
-_WHOLE_UNITS = ("generations", *TOKEN_UNITS)
+_WHOLE_UNITS = ("generations", *TOKEN_UNITS, "tool_calls")
 
 # Aliases accepted by Budget.parse; the canonical names are the dataclass fields.
 _ALIASES = {
@@ -40,6 +40,10 @@ _ALIASES = {
     "sec": "seconds",
     "deadline": "seconds",
     "time": "seconds",
+    "tool_calls": "tool_calls",
+    "tool-calls": "tool_calls",
+    "tools": "tool_calls",
+    "tool": "tool_calls",
 }
 
 
@@ -58,6 +62,8 @@ class Budget:
 
     ``generations`` counts sampled answers from the policy model (scorer calls are reported apart,
     see docs/budget.md); tokens, dollars and seconds cover every call, scorers included.
+    ``tool_calls`` counts runs of a tool (a sandboxed program): a second axis, apart from the
+    model's; a tool run costs no tokens or dollars, and seconds bind it too.
     """
 
     generations: int | None = None
@@ -66,6 +72,7 @@ class Budget:
     total_tokens: int | None = None
     usd: float | None = None
     seconds: float | None = None
+    tool_calls: int | None = None
 
     def __post_init__(self) -> None:
         set_any = False
@@ -85,12 +92,12 @@ class Budget:
         if not set_any:
             raise BudgetError(
                 "a budget needs at least one limit: generations, input_tokens, output_tokens, "
-                "total_tokens, usd or seconds"
+                "total_tokens, usd, seconds or tool_calls"
             )
 
     @classmethod
     def parse(cls, text: str | int | float) -> Budget:
-        """``"8"`` is eight generations; ``"gen=8,tokens=4000,usd=0.02,s=30"`` sets several units."""
+        """``"8"`` is eight generations; ``"gen=8,tokens=4000,usd=0.02,s=30,tools=4"`` sets several units."""
         if isinstance(text, (int, float)) and not isinstance(text, bool):
             return cls(generations=text)  # type: ignore[arg-type]
         raw = str(text).strip()
@@ -189,6 +196,8 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     estimated: bool = False
+    tool_calls: int = 0
+    """Tool runs (sandboxed programs); a backend's usage never has any."""
 
     @property
     def total_tokens(self) -> int:
@@ -200,6 +209,7 @@ class Usage:
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
             self.estimated or other.estimated,
+            self.tool_calls + other.tool_calls,
         )
 
 
@@ -236,6 +246,8 @@ class Spend:
     forcing): charged in tokens, dollars and time, never as generations."""
     planning_generations: int = 0
     """Calls that decide how to answer (TALE's token-budget estimate), charged like scorers."""
+    tool_calls: int = 0
+    """Tool runs (program-aided answers' sandboxed programs): the ``tool_calls`` unit."""
     input_tokens: int = 0
     output_tokens: int = 0
     usd: Fraction = Fraction(0)
@@ -254,6 +266,7 @@ class Spend:
         o = self.overrun
         own: dict[str, tuple[Fraction, float | int | None]] = {
             "generations": (Fraction(self.generations), budget.generations),
+            "tool_calls": (Fraction(self.tool_calls), budget.tool_calls),
             "input_tokens": (Fraction(self.input_tokens - o.input_tokens), budget.input_tokens),
             "output_tokens": (Fraction(self.output_tokens - o.output_tokens), budget.output_tokens),
             "total_tokens": (Fraction(self.total_tokens - o.input_tokens - o.output_tokens), budget.total_tokens),
@@ -268,6 +281,7 @@ class Spend:
             "scorer_generations": self.scorer_generations,
             "continuations": self.continuations,
             "planning_generations": self.planning_generations,
+            "tool_calls": self.tool_calls,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "total_tokens": self.total_tokens,

@@ -51,8 +51,8 @@ class MeteredLM:
     generations."""
 
     def __init__(self, backend: Backend, ledger: Ledger, *, kind: str = "policy") -> None:
-        if kind not in CALL_KINDS:
-            raise ValueError(f"kind must be one of {CALL_KINDS}, got {kind!r}")
+        if kind not in CALL_KINDS or kind == "tool":  # tool runs go through tools.MeteredSandbox
+            raise ValueError(f"kind must be one of {[k for k in CALL_KINDS if k != 'tool']}, got {kind!r}")
         self.backend = backend
         self.ledger = ledger
         self.kind = kind
