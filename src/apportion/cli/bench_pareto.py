@@ -41,14 +41,14 @@ def bench_pareto(
         base = run if run.is_dir() else run.parent
         out = save(base, result)
     except ApportionError as exc:
-        fail(Console(stderr=True), exc, EXIT_USAGE)
+        fail(Console(stderr=True, soft_wrap=True), exc, EXIT_USAGE)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         console = Console()
         # off a terminal rich assumes 80 columns and would fold every cell
         _print(result, summary.run, console if console.is_terminal else Console(width=170))
-    Console(stderr=True).print(f"wrote {out}")
+    Console(stderr=True, soft_wrap=True).print(f"wrote {out}")
 
 
 def _print(result: Pareto, run: str, console: Console) -> None:
