@@ -134,6 +134,8 @@ class Algorithm(ABC):
     """Base of all algorithms. Subclasses set ``name`` and implement ``stream``."""
 
     name: ClassVar[str]
+    uses_tools: ClassVar[bool] = False
+    """Whether it makes tool calls: a budget of tool calls alone cannot limit one that does not."""
 
     def __init__(self, *, equivalence: Equivalence | None = None) -> None:
         self.equivalence = equivalence or Equivalence()
@@ -177,7 +179,8 @@ class Algorithm(ABC):
             ledger = Ledger(budget)
         else:
             raise BudgetError(f"budget must be a Budget or a Ledger, got {type(budget).__name__}")
-        check_budget_can_bind(ledger.budget, lm)
+        # A parent ledger may bind what this one's budget does not.
+        check_budget_can_bind(ledger.budget, lm, self if ledger.parent is None else None)
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ConfigError("the prompt is empty")
@@ -209,17 +212,24 @@ def server_warnings(trace: Sequence[CallRecord]) -> list[str]:
     return out
 
 
-def check_budget_can_bind(budget: Budget, lm: Backend) -> None:
-    """A dollar limit on a model with no price would never bind: refuse it up front."""
+def check_budget_can_bind(budget: Budget, lm: Backend, algorithm: Algorithm | None = None) -> None:
+    """A dollar limit on a model with no price would never bind, nor would a budget of tool calls
+    alone on an algorithm that makes none: refuse them up front."""
     if budget.usd is not None and lm.price.free:
         raise BudgetError(
             f"a dollar budget cannot limit {lm.model!r}: it has no price (pass --price IN,OUT, "
             "or set one in a price table)"
         )
+    if algorithm is not None and not algorithm.uses_tools and set(budget.limits()) == {"tool_calls"}:
+        raise BudgetError(
+            f"a budget of tool calls alone cannot limit {algorithm.name}: it makes no tool calls "
+            "(add gen, tokens, usd or seconds)"
+        )
 
 
 async def sample_batches(ctx: RunContext, opts: SamplingOptions, stopping: StopRule | None = None,
-                         seen: Callable[[], Sequence[Candidate]] | None = None) -> AsyncIterator[list[Candidate]]:
+                         seen: Callable[[], Sequence[Candidate]] | None = None,
+                         room: Callable[[], int | None] | None = None) -> AsyncIterator[list[Candidate]]:
     """Draw candidates in calls of as many samples as the budget allows, until it refuses.
 
     One call carries many samples (``n``), never one call per sample: the backend batches them.
@@ -228,7 +238,9 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions, stopping: StopR
     loop (``ctx.stop_reason``) or set a per-sample cut for the next round. Under a deadline, a
     round is not started when the token rate seen so far says it would end after the deadline,
     and a round cut at the deadline ends the loop (``stop_reason`` "deadline"). A backend failure
-    ends the loop (recorded with ``ctx.fail``) and keeps what was drawn.
+    ends the loop (recorded with ``ctx.fail``) and keeps what was drawn. ``room()``, where given,
+    is how many more samples the caller can use (None: any number), asked before each call: no
+    call asks for more, and at 0 the loop ends (the caller says why).
     """
     caps = ctx.lm.backend.capabilities
     if stopping is not None:
@@ -248,6 +260,11 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions, stopping: StopR
             n = min(n, opts.batch_size)
         if stopping is not None:
             n = min(left if left is not None else n, stopping.rounds.size(call))
+        usable = room() if room is not None else None
+        if usable is not None:
+            if usable < 1:
+                return
+            n = min(n, usable)
         if call and pace.would_overrun(n, ctx.ledger.seconds_left()):
             ctx.stop_reason = "deadline"
             ctx.notes.append(f"a round of {n} more samples would have ended after the deadline "
