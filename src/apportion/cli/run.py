@@ -17,6 +17,7 @@ from rich.table import Table
 
 from apportion.algorithms.base import check_budget_can_bind
 from apportion.algorithms.budget_forcing import BudgetForcingOptions
+from apportion.algorithms.program_aided import ProgramAidedOptions
 from apportion.algorithms.prompting import PROMPT_MODES, parse_prompt_mode
 from apportion.algorithms.registry import ALGORITHMS, make_algorithm
 from apportion.algorithms.stopping import STOP_RULES, parse_stop
@@ -58,7 +59,7 @@ def run(
         help=f"One of: {', '.join(ALGORITHMS)}.")] = "self-consistency",
     budget: Annotated[str, typer.Option("--budget", "-b",
         help="Generations ('8'), or unit=value pairs: 'gen=8,tokens=4000,usd=0.01,seconds=30' "
-             "(units: gen, input, output, tokens, usd, seconds).")] = "8",
+             "(units: gen, input, output, tokens, usd, seconds, tool_calls).")] = "8",
     base_url: BaseUrlOpt = None,
     model: ModelOpt = None,
     api_key: ApiKeyOpt = None,
@@ -95,6 +96,10 @@ def run(
              "default 'The answer is').")] = None,
     answer_cue: Annotated[str | None, typer.Option(
         help="budget-forcing: text after the end marker that makes the model answer (default '').")] = None,
+    program_time_limit: Annotated[float | None, typer.Option(
+        help="program-aided: seconds each program may run, wall and CPU (default 5).")] = None,
+    program_memory_mb: Annotated[int | None, typer.Option(
+        help="program-aided: memory each program's interpreter may use, in MB (default 512).")] = None,
 ) -> None:
     """Answer a prompt (or a file of prompts) within a budget."""
     console = Console(stderr=True, soft_wrap=True)
@@ -121,15 +126,17 @@ def run(
         stopping = parse_stop(stop) if stop is not None else None
         sampling = replace(sampling, prompt_mode=parse_prompt_mode(prompt_mode))
         forcing = _forcing_options(min_thinking_tokens, max_thinking_tokens, end_marker, answer_cue)
-        make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing)  # validates before any work
+        programs = _program_options(program_time_limit, program_memory_mb)
+        chosen = make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing,
+                                programs=programs)  # validates before any work
         backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
-        check_budget_can_bind(parsed_budget, backend)
+        check_budget_can_bind(parsed_budget, backend, chosen)
     except ApportionError as exc:
         fail(console, exc, EXIT_USAGE)
     checked_preflight(backend, console)
 
     def algorithm_for() -> Any:
-        return make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing)
+        return make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing, programs=programs)
 
     if items is not None:
         assert out is not None
@@ -169,6 +176,13 @@ def _forcing_options(min_thinking: int | None, max_thinking: int | None, end_mar
     if given.get("end_marker") == "":
         given["end_marker"] = None
     return BudgetForcingOptions(**given)  # type: ignore[arg-type]
+
+
+def _program_options(time_limit: float | None, memory_mb: int | None) -> ProgramAidedOptions | None:
+    """Program-aided's sandbox limits where any was given (None: the algorithm's defaults)."""
+    given: dict[str, Any] = {k: v for k, v in (("time_limit_s", time_limit), ("memory_mb", memory_mb))
+                             if v is not None}
+    return ProgramAidedOptions(**given) if given else None
 
 
 async def _run_one(algorithm: Any, backend: Backend, prompt: str, budget: Budget,
@@ -230,13 +244,14 @@ def _file_summary(counts: Counter[str], total: int, out: Path, replaced: int | N
 def _spent_line(result: Result) -> str:
     s = result.spent
     return (f"{s.generations} generations, {s.input_tokens} input + {s.output_tokens} output tokens, "
-            f"${float(s.usd):.6f}" + (" (estimated)" if s.estimated else ""))
+            f"${float(s.usd):.6f}" + (f", {s.tool_calls} tool call(s)" if s.tool_calls else "")
+            + (" (estimated)" if s.estimated else ""))
 
 
 def _render(result: Result, console: Console) -> None:
     console.print(f"[bold]Answer:[/bold] {result.answer if result.answer is not None else '(none)'}")
     if result.distribution:
-        label = "Votes" if result.algorithm in ("self-consistency", "budget-forcing") else "Scores"
+        label = "Votes" if result.algorithm in ("self-consistency", "budget-forcing", "program-aided") else "Scores"
         parts = [f"{answer} ({_fmt(weight)})" for answer, weight in result.distribution.items()]
         unanswered = sum(1 for c in result.candidates if c.answer is None)
         if unanswered:
@@ -256,7 +271,8 @@ def _render(result: Result, console: Console) -> None:
         + (f" (+{s.continuations} continuations)" if s.continuations else "")
         + (f" (+{s.planning_generations} planning)" if s.planning_generations else "")
         + f", {s.input_tokens} input + {s.output_tokens} output tokens, ${float(s.usd):.6f}, "
-        f"{s.seconds:.2f} s, {s.calls} call(s)" + (" (estimated)" if s.estimated else "")
+        f"{s.seconds:.2f} s, {s.calls} call(s)" + (f", {s.tool_calls} tool call(s)" if s.tool_calls else "")
+        + (" (estimated)" if s.estimated else "")
     )
     console.print(f"[bold]Budget:[/bold] {result.budget}"
                   + (f" - exhausted ({result.exhausted_reason})" if result.exhausted else "")
