@@ -34,6 +34,8 @@ class Outcome:
     item: Item
     result: Result | None
     error: str | None
+    allocation: dict[str, Any] | None = None
+    """Under a total budget: what the allocator decided for this prompt (rounds, difficulty, bin)."""
 
     @property
     def status(self) -> str:
@@ -56,6 +58,8 @@ class Outcome:
             out.update(self.result.to_dict(trace=trace))
         if self.error is not None:
             out["error"] = self.error
+        if self.allocation is not None:
+            out["allocation"] = self.allocation
         return out
 
 

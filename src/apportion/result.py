@@ -28,11 +28,14 @@ class Candidate:
     """Per-token log-probabilities of the sampled tokens (for confidence rules; not in to_dict)."""
     confidences: tuple[float, ...] | None = field(default=None, repr=False)
     """Per-token top-k confidences (``Sample.confidences``), where the backend gave them."""
+    model: str | None = None
+    """The model that drew it (a batch over several models, or a cascade, mixes them)."""
 
     @classmethod
-    def from_sample(cls, sample: Sample, answer: str | None, raw: str | None, method: str | None) -> Candidate:
+    def from_sample(cls, sample: Sample, answer: str | None, raw: str | None, method: str | None,
+                    model: str | None = None) -> Candidate:
         return cls(sample.text, answer, raw, method, sample.finish_reason, sample.output_tokens,
-                   sample.mean_logprob, logprobs=sample.logprobs, confidences=sample.confidences)
+                   sample.mean_logprob, logprobs=sample.logprobs, confidences=sample.confidences, model=model)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +48,7 @@ class Candidate:
             "finish_reason": self.finish_reason,
             "output_tokens": self.output_tokens,
             "mean_logprob": self.mean_logprob,
+            "model": self.model,
         }
 
 

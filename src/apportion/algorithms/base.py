@@ -3,6 +3,9 @@
 An algorithm is options plus ``stream(lm, prompt, budget)``, an async iterator of interim
 Results ending with the final one; ``run`` drains it. The budget is either a Budget (a fresh
 ledger is opened) or a Ledger (a sub-budget handed down by a caller, whose spend rolls up).
+``prior`` resumes a prompt: candidates an earlier run on the same prompt drew (a batch
+allocator topping up a prompt between rounds) take part in the selection as if drawn here; they
+were charged where they were drawn, so a resumed run is given the same ledger, topped up.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from apportion._sync import run_sync
 from apportion.algorithms.prompting import PromptMode, apply_prompt_mode
 from apportion.algorithms.stopping import Seen, StopRule
 from apportion.answers.equivalence import Equivalence
-from apportion.answers.extract import read_answer
+from apportion.answers.extract import placeholder_in, read_answer
 from apportion.budget.ledger import CallRecord, Ledger
 from apportion.budget.units import Budget
 from apportion.errors import BackendError, BudgetError, BudgetExhausted, ConfigError, RunFailed
@@ -84,6 +87,8 @@ class RunContext:
     """The failure that ended the run early, if one did (the candidates drawn before it are kept)."""
     stop_reason: str | None = None
     """The stopping rule that ended the run before its budget did, if one did."""
+    placeholder: str | None = None
+    """The answer placeholder of the system prompt ("N" in "The answer is N"): copied, it is no answer."""
 
     @property
     def ledger(self) -> Ledger:
@@ -100,9 +105,13 @@ class RunContext:
         self.error = self.error or str(exc)
 
     def candidate(self, sample: Sample) -> Candidate:
+        model = self.lm.backend.model
         if sample.finish_reason == "cut":  # abandoned mid-thought: whatever it said so far is no answer
-            return Candidate.from_sample(sample, None, None, None)
-        return Candidate.from_sample(sample, *read_answer(sample.text))
+            return Candidate.from_sample(sample, None, None, None, model)
+        answer, raw, method = read_answer(sample.text)
+        if raw is not None and raw.strip() == self.placeholder:
+            answer = raw = method = None
+        return Candidate.from_sample(sample, answer, raw, method, model)
 
     def result(self, *, answer: str | None, response: str | None, candidates: Sequence[Candidate],
                distribution: dict[str, float], final: bool) -> Result:
@@ -142,13 +151,13 @@ class Algorithm(ABC):
 
     @abstractmethod
     def stream(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, *,
-               seed: int | None = None) -> AsyncIterator[Result]:
+               seed: int | None = None, prior: Sequence[Candidate] = ()) -> AsyncIterator[Result]:
         """Interim results as the work proceeds; the last one has ``final=True``."""
 
     async def run(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, *,
-                  seed: int | None = None) -> Result:
+                  seed: int | None = None, prior: Sequence[Candidate] = ()) -> Result:
         last: Result | None = None
-        async for result in self.stream(lm, prompt, budget, seed=seed):
+        async for result in self.stream(lm, prompt, budget, seed=seed, prior=prior):
             last = result
         if last is None or not last.final:  # pragma: no cover - every stream ends with a final result
             raise RuntimeError(f"{self.name} ended without a final result")
@@ -191,8 +200,9 @@ class Algorithm(ABC):
             question = users[-1] if users else (prompt.text or "")
         else:
             raise ConfigError(f"prompt must be a string or a Prompt, got {type(prompt).__name__}")
+        system = next((m.content for m in prompt_obj.messages if m.role == "system"), None)
         return RunContext(MeteredLM(lm, ledger), prompt_obj, question, ledger.budget, seed,
-                          self.equivalence, self.name, self.options_dict())
+                          self.equivalence, self.name, self.options_dict(), placeholder=placeholder_in(system))
 
 
 def server_warnings(trace: Sequence[CallRecord]) -> list[str]:

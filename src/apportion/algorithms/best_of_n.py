@@ -57,7 +57,7 @@ class BestOfN(Algorithm):
         return {**super().options_dict(), "scorer": self.scorer.name}
 
     async def stream(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, *,
-                     seed: int | None = None) -> AsyncIterator[Result]:
+                     seed: int | None = None, prior: Sequence[Candidate] = ()) -> AsyncIterator[Result]:
         opts = self.options.sampling
         if self.scorer.needs_logprobs and not (opts.logprobs and lm.capabilities.logprobs):
             raise ConfigError(
@@ -66,18 +66,25 @@ class BestOfN(Algorithm):
             )
         ctx = self.context(lm, prompt, budget, seed, opts.system_prompt)
         await ctx.apply_prompt_mode(opts.prompt_mode)
-        candidates: list[Candidate] = []
-        async for batch in sample_batches(ctx, opts, self.options.stopping, lambda: candidates):
-            try:
-                scores = await self.scorer.score(ctx.lm, ctx.question, batch)
-            except ScoringFailed as exc:  # the candidates and the scores had are kept; the run ends
-                scores = exc.scores
-                ctx.fail(exc)
-            candidates.extend(replace(c, score=s) for c, s in zip(batch, scores))
-            yield self._select(ctx, candidates, final=False)
-            if ctx.error is not None:
-                break
+        candidates = [c for c in prior if c.score is not None]
+        unscored = [c for c in prior if c.score is None]  # drawn by a strategy that scores nothing
+        if unscored:
+            candidates.extend(await self._scored(ctx, unscored))
+        if ctx.error is None:
+            async for batch in sample_batches(ctx, opts, self.options.stopping, lambda: candidates):
+                candidates.extend(await self._scored(ctx, batch))
+                yield self._select(ctx, candidates, final=False)
+                if ctx.error is not None:
+                    break
         yield self._select(ctx, candidates, final=True)
+
+    async def _scored(self, ctx: RunContext, batch: Sequence[Candidate]) -> list[Candidate]:
+        try:
+            scores = await self.scorer.score(ctx.lm, ctx.question, batch)
+        except ScoringFailed as exc:  # the candidates and the scores had are kept; the run ends
+            scores = exc.scores
+            ctx.fail(exc)
+        return [replace(c, score=s) for c, s in zip(batch, scores)]
 
     def _select(self, ctx: RunContext, candidates: Sequence[Candidate], final: bool) -> Result:
         t, fell_back = score_tally(candidates, ctx.equivalence, weighted=self.options.weighted)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from apportion.algorithms.base import Algorithm, RunContext, SamplingOptions
@@ -139,7 +139,7 @@ class BudgetForcing(Algorithm):
         self.options = options or BudgetForcingOptions()
 
     async def stream(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, *,
-                     seed: int | None = None) -> AsyncIterator[Result]:
+                     seed: int | None = None, prior: Sequence[Candidate] = ()) -> AsyncIterator[Result]:
         opts = self.options
         if not lm.capabilities.continuation:
             raise ConfigError(f"budget forcing continues a solution, which {lm.name} ({lm.model}) cannot do")
@@ -148,7 +148,8 @@ class BudgetForcing(Algorithm):
         done: list[_Solution] = []
 
         def current(final: bool) -> Result:
-            candidates = [self._candidate(sol) for sol in sorted(done, key=lambda s: s.index)]
+            model = ctx.lm.backend.model
+            candidates = [*prior, *(self._candidate(sol, model) for sol in sorted(done, key=lambda s: s.index))]
             t = tally(candidates, ctx.equivalence)
             response = t.candidates[t.winner_index].text if t.winner_index is not None else None
             if final:
@@ -321,7 +322,7 @@ class BudgetForcing(Algorithm):
         answer_in = (await backend.prompt_tokens(prompt.continued(tail)) - p if tail else 0) + _JOIN_SLACK
         return thinking_room(ctx.ledger.remaining(), p, answer_in, self.options.answer_tokens, backend.price, share)
 
-    def _candidate(self, sol: _Solution) -> Candidate:
+    def _candidate(self, sol: _Solution, model: str) -> Candidate:
         if sol.answer_text is not None and sol.answer_prefix is not None:
             text = _join(sol.thinking, sol.answer_prefix) + sol.answer_text if sol.answer_prefix else \
                 sol.thinking + sol.answer_text
@@ -331,7 +332,8 @@ class BudgetForcing(Algorithm):
         else:
             text, found = sol.thinking, read_answer(sol.thinking)
         logprobs = tuple(sol.logprobs) if sol.logprobs else None
-        return Candidate.from_sample(Sample(text, sol.finish, sol.tokens, logprobs, reasoning=sol.thinking), *found)
+        sample = Sample(text, sol.finish, sol.tokens, logprobs, reasoning=sol.thinking)
+        return Candidate.from_sample(sample, *found, model)
 
     def _note(self, sol: _Solution) -> str:
         opts = self.options

@@ -6,7 +6,7 @@ when the ledger refuses the next batch. Every batch yields an interim result (an
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from apportion.algorithms.base import Algorithm, SamplingOptions, sample_batches
@@ -35,11 +35,11 @@ class SelfConsistency(Algorithm):
         self.options = options or SelfConsistencyOptions()
 
     async def stream(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, *,
-                     seed: int | None = None) -> AsyncIterator[Result]:
+                     seed: int | None = None, prior: Sequence[Candidate] = ()) -> AsyncIterator[Result]:
         opts = self.options.sampling
         ctx = self.context(lm, prompt, budget, seed, opts.system_prompt)
         await ctx.apply_prompt_mode(opts.prompt_mode)
-        candidates: list[Candidate] = []
+        candidates: list[Candidate] = list(prior)
 
         rule = self.options.stopping
 

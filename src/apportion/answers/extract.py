@@ -59,6 +59,16 @@ def read_answer(text: str) -> tuple[str | None, str | None, str | None]:
     return normalize_answer(found.text), found.text, found.method
 
 
+_PLACEHOLDER_RE = re.compile(r"answer is ([A-Za-z])\b")
+
+
+def placeholder_in(instruction: str | None) -> str | None:
+    """The letter an instruction uses as the answer's placeholder ("End with 'The answer is N'"),
+    which weak models copy verbatim: an answer equal to it is no answer."""
+    found = _PLACEHOLDER_RE.search(instruction or "")
+    return found.group(1) if found else None
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` with balanced braces; None if absent or unclosed."""
     starts = [m.end() for m in _BOX_OPEN_RE.finditer(text)]

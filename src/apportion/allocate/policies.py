@@ -1,0 +1,275 @@
+"""Allocation policies: how a total budget is shared among prompts, round by round.
+
+- ``uniform``, ``front-load``, ``back-load``: the budget manager over a stream of queries. Prompts
+  are served in file order, a window at a time; each gets ``factor`` times what is left divided by
+  the prompts still to come (1, 2 and 0.5), and the last gets whatever is left. What a prompt does
+  not spend flows to the later ones (remaining-budget bookkeeping).
+- ``difficulty-bins``: a probe of a few samples per prompt, then Snell et al.'s bins of estimated
+  difficulty, each with its own strategy (algorithm) and share of the rest.
+- ``marginal-gain``: a probe, then greedy allocation (``allocate.greedy``) of the rest by expected
+  accuracy gain per unit of cost, from each prompt's success curve (``allocate.difficulty``),
+  re-planned after every round as the new samples change the curves.
+- ``compute-optimal``: marginal-gain allocation with the strategy of each difficulty bin taken
+  from a strategy table (chosen on a development set: ``apportion bench --policy``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apportion.allocate.difficulty import AgreementEstimator, Estimator, Evidence, bins_of, quantile_edges
+from apportion.allocate.engine import Batch, Grant, Policy, PromptState
+from apportion.allocate.greedy import allocate
+from apportion.answers.equivalence import Equivalence
+from apportion.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class BinStrategy:
+    algorithm: str | None = None
+    """The algorithm for prompts of this bin (None: the batch's algorithm)."""
+    weight: float = 1.0
+    """This bin's share of the budget per prompt, relative to the other bins (difficulty-bins)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StrategyTable:
+    """A strategy per difficulty bin, easiest first. ``edges`` are the inner bin edges on the
+    estimated difficulty; empty: quantiles of the batch at hand."""
+
+    bins: tuple[BinStrategy, ...]
+    edges: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.bins:
+            raise ConfigError("a strategy table needs at least one bin")
+        if self.edges and len(self.edges) != len(self.bins) - 1:
+            raise ConfigError(f"{len(self.bins)} bins need {len(self.bins) - 1} edges, got {len(self.edges)}")
+        if list(self.edges) != sorted(self.edges):
+            raise ConfigError("bin edges must be ascending")
+        if any(not (b.weight >= 0 and math.isfinite(b.weight)) for b in self.bins):
+            raise ConfigError("bin weights must be finite and >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"edges": list(self.edges),
+                "bins": [{"algorithm": b.algorithm, "weight": b.weight} for b in self.bins]}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> StrategyTable:
+        if not isinstance(data, dict) or not isinstance(data.get("bins"), list):
+            raise ConfigError('a strategy table is {"edges": [...], "bins": [{"algorithm": ..., "weight": ...}, ...]}')
+        bins = []
+        for b in data["bins"]:
+            if not isinstance(b, dict) or set(b) - {"algorithm", "weight"}:
+                raise ConfigError(f"a bin is {{'algorithm': name, 'weight': number}}, got {b!r}")
+            bins.append(BinStrategy(b.get("algorithm"), float(b.get("weight", 1.0))))
+        return cls(tuple(bins), tuple(float(e) for e in data.get("edges", [])))
+
+    @classmethod
+    def load(cls, path: str | Path) -> StrategyTable:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read strategy table {path}: {exc}") from exc
+
+
+# Snell et al.'s finding in one default: the easiest questions need little, the middle ones the
+# most, the hardest (often hopeless for the model) little again. Fixed a priori, not fitted.
+DEFAULT_BINS = StrategyTable(tuple(BinStrategy(None, w) for w in (0.5, 1.0, 1.5, 1.5, 0.5)))
+
+
+@dataclass
+class StreamShare(Policy):
+    """The budget manager over a stream of queries (the module docstring)."""
+
+    factor: float = 1.0
+    window: int = 4
+    name: str = "uniform"
+    _next: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.factor > 0 or self.window < 1:
+            raise ConfigError("factor must be > 0 and window >= 1")
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name, "factor": self.factor, "window": self.window}
+
+    def plan(self, batch: Batch) -> dict[int, Grant]:
+        waiting = [p for p in batch.prompts if p.item.prompt is not None][self._next:]
+        if not waiting:
+            return {}
+        rem, units = batch.remaining(), batch.planned_units()
+        pending = dict.fromkeys(units, 0.0)
+        grants = {}
+        for left, state in zip(range(len(waiting), 0, -1), waiting[: self.window]):
+            share = {}
+            for unit in units:
+                r = float(getattr(rem, unit)) - pending[unit]
+                amount = r if left == 1 else min(r, self.factor * r / left)
+                if unit == "generations":
+                    amount = min(math.floor(r), math.floor(amount + 0.5))
+                share[unit] = max(0.0, amount)
+                pending[unit] += share[unit]
+            grant = batch.with_share(state, share)
+            if grant is not None:
+                grants[state.index] = grant
+            else:
+                state.done = True
+            self._next += 1
+        return grants
+
+
+@dataclass
+class Probing(Policy):
+    """What the difficulty-driven policies share: a probe round, estimates, bins, strategies."""
+
+    probe: int = 2
+    horizon: int = 32
+    """The most samples any one prompt may get."""
+    table: StrategyTable = field(default_factory=lambda: DEFAULT_BINS)
+    estimator: Estimator = field(default_factory=AgreementEstimator)
+    equivalence: Equivalence = field(default_factory=Equivalence)
+    name: str = "probing"
+
+    def __post_init__(self) -> None:
+        if self.probe < 1 or self.horizon < self.probe:
+            raise ConfigError(f"probe must be >= 1 and horizon >= probe, got {self.probe} and {self.horizon}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name, "probe": self.probe, "horizon": self.horizon,
+                "estimator": self.estimator.name, "table": self.table.to_dict()}
+
+    def probe_round(self, batch: Batch) -> dict[int, Grant]:
+        """``probe`` samples each where the budget's expected cost allows, fewer (down to one
+        each, then one for the first prompts) where it does not."""
+        active = batch.active
+        rem, k = batch.remaining(), self.probe
+        for unit in batch.planned_units():
+            need = sum(batch.sample_cost(p)[unit] for p in active)
+            if need > 0:
+                k = min(k, math.floor(float(getattr(rem, unit)) / need))
+        if k >= 1:
+            return {p.index: batch.with_samples(p, k) for p in active}
+        batch.notes.append("the budget is below one probe sample per prompt: the first prompts got one each")
+        grants, spent = {}, dict.fromkeys(batch.planned_units(), 0.0)
+        for p in active:
+            cost = batch.sample_cost(p)
+            if any(spent[u] + cost[u] > float(getattr(rem, u)) for u in spent):
+                break
+            for u in spent:
+                spent[u] += cost[u]
+            grants[p.index] = batch.with_samples(p, 1)
+        return grants
+
+    def estimate(self, batch: Batch) -> list[PromptState]:
+        """Fresh estimates for every active prompt that has samples; bins fixed at the first call."""
+        live = [p for p in batch.active if p.ledger is not None]
+        for p in live:
+            drawn = p.spent.generations
+            p.estimate = self.estimator.estimate(Evidence.of(p.candidates, self.equivalence),
+                                                 max(0, self.horizon - drawn))
+            if drawn >= self.horizon:
+                p.done = True
+        if any(p.bin is None for p in live):
+            unbinned = [p for p in live if p.bin is None]
+            edges = self.table.edges or quantile_edges([p.estimate.difficulty for p in live if p.estimate],
+                                                       len(self.table.bins))
+            for p, b in zip(unbinned, bins_of([p.estimate.difficulty for p in unbinned if p.estimate], edges)):
+                p.bin = min(b, len(self.table.bins) - 1)
+        return [p for p in live if not p.done]
+
+    def strategy(self, state: PromptState) -> str | None:
+        return self.table.bins[state.bin].algorithm if state.bin is not None else None
+
+
+@dataclass
+class MarginalGain(Probing):
+    """Greedy by expected gain per unit of cost, re-planned every round; at most ``step`` more
+    samples per prompt per round, so new evidence can redirect the rest."""
+
+    step: int = 4
+    lookahead: int = 2
+    name: str = "marginal-gain"
+
+    def plan(self, batch: Batch) -> dict[int, Grant]:
+        if batch.round == 0:
+            return self.probe_round(batch)
+        live = self.estimate(batch)
+        rem, units = batch.remaining(), batch.planned_units()
+        if not live or any(float(getattr(rem, u)) <= 0 for u in units):
+            return {}
+        # one budget of 1: a sample costs its largest fraction of what is left in any unit
+        costs = [max([batch.sample_cost(p)[u] / float(getattr(rem, u)) for u in units] or [1e-9]) for p in live]
+        budget = 1.0 if units else float(len(live) * self.step)
+        costs = costs if units else [1.0] * len(live)
+        plan = allocate([p.estimate for p in live if p.estimate], costs, budget, lookahead=self.lookahead,
+                        maximum=self.horizon)
+        return {p.index: batch.with_samples(p, min(k, self.step), self.strategy(p))
+                for p, k in zip(live, plan.samples) if k > 0}
+
+
+@dataclass
+class ComputeOptimal(MarginalGain):
+    """Marginal-gain allocation with a strategy per difficulty bin (``table``; without one, the
+    batch's algorithm everywhere, which is marginal-gain)."""
+
+    name: str = "compute-optimal"
+
+
+@dataclass
+class DifficultyBins(Probing):
+    """A probe, then each bin's weight times an even share of the rest, in one round."""
+
+    name: str = "difficulty-bins"
+    _planned: bool = False
+
+    def plan(self, batch: Batch) -> dict[int, Grant]:
+        if batch.round == 0:
+            return self.probe_round(batch)
+        if self._planned:
+            return {}
+        self._planned = True
+        live = self.estimate(batch)
+        rem, units = batch.remaining(), batch.planned_units()
+        weights = [self.table.bins[p.bin or 0].weight for p in live]
+        if not live or not units or not any(weights):
+            return {}
+        # k_i = w_i * x samples, with x the largest that the expected costs allow in every unit
+        x = min(float(getattr(rem, u)) / max(1e-12, sum(w * batch.sample_cost(p)[u] for w, p in zip(weights, live)))
+                for u in units)
+        grants = {}
+        for w, p in zip(weights, live):
+            k = min(math.floor(w * x), self.horizon - p.spent.generations)
+            if k > 0:
+                grants[p.index] = batch.with_samples(p, k, self.strategy(p))
+        return grants
+
+
+POLICIES = ("uniform", "front-load", "back-load", "difficulty-bins", "marginal-gain", "compute-optimal")
+
+
+def make_policy(name: str, *, window: int = 4, probe: int = 2, horizon: int = 32, step: int = 4,
+                table: StrategyTable | None = None, equivalence: Equivalence | None = None,
+                estimator: Estimator | None = None) -> Policy:
+    """The policy called ``name`` (one of POLICIES)."""
+    eq = equivalence or Equivalence()
+    est = estimator or AgreementEstimator()
+    if name in ("uniform", "front-load", "back-load"):
+        return StreamShare({"uniform": 1.0, "front-load": 2.0, "back-load": 0.5}[name], window, name)
+    if name == "difficulty-bins":
+        return DifficultyBins(probe, horizon, table or DEFAULT_BINS, est, eq)
+    if name == "marginal-gain":
+        return MarginalGain(probe, horizon, _one_bin(table), est, eq, step=step)
+    if name == "compute-optimal":
+        return ComputeOptimal(probe, horizon, table or _one_bin(None), est, eq, step=step)
+    raise ConfigError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+
+
+def _one_bin(table: StrategyTable | None) -> StrategyTable:
+    """Marginal-gain keeps the bins only for its report: the table's edges, one strategy."""
+    return StrategyTable((BinStrategy(),) * len(table.bins), table.edges) if table else \
+        StrategyTable((BinStrategy(),) * len(DEFAULT_BINS.bins))

@@ -1,0 +1,230 @@
+"""Allocation policies replayed over a sample bank: one total budget over the bank's questions,
+the real engine and algorithms on ``ReplayBackend``, so every policy sees identical samples.
+
+The total is a mean per question times the number of questions. Each order is a fresh shuffle of
+every question's samples; accuracy is the mean over orders, with a bootstrap interval over
+questions, and every policy is compared with a baseline on the same questions and orders (a
+paired interval of the difference). ``compute-optimal`` needs a strategy table chosen on other
+questions: the questions are split in two folds, the table for each fold is chosen on the other
+(cross-fitting), so no question's own outcome picks its strategy.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from apportion.algorithms.base import Algorithm, SamplingOptions
+from apportion.algorithms.registry import make_algorithm
+from apportion.allocate.difficulty import quantile_edges
+from apportion.allocate.engine import answer_batch
+from apportion.allocate.policies import BinStrategy, StrategyTable, make_policy
+from apportion.answers.equivalence import Equivalence
+from apportion.banks import SampleBank
+from apportion.batch import Item
+from apportion.bench.replay import SCORERS, _Grades
+from apportion.budget.units import Budget
+from apportion.errors import ConfigError
+from apportion.lm.replay import ReplayBackend
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyCell:
+    policy: str
+    algorithm: str
+    per_question: tuple[float, ...]
+    """Each question's rate of being answered right over the orders."""
+    accuracy: float
+    accuracy_std: float
+    """Spread of the accuracy over orders."""
+    tokens: float
+    """Mean tokens (input + output) spent per question."""
+    generations: float
+    orders: int
+    budget: Budget
+    """The mean budget per question."""
+    per_bin: dict[str, dict[str, float]] = field(default_factory=dict)
+    tables: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        low, high = bootstrap_interval(self.per_question)
+        return {"policy": self.policy, "algorithm": self.algorithm, "accuracy": self.accuracy,
+                "interval": [low, high], "accuracy_std_over_orders": self.accuracy_std,
+                "tokens_per_question": self.tokens, "generations_per_question": self.generations,
+                "orders": self.orders, "budget_per_question": self.budget.to_dict(), "per_bin": self.per_bin,
+                "tables": list(self.tables), "per_question": list(self.per_question)}
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySetup:
+    bank: SampleBank
+    mean: Budget
+    orders: int = 20
+    seed: int = 0
+    scorer: str = "bank"
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    probe: int = 2
+    equivalence: Equivalence = field(default_factory=Equivalence)
+
+    def __post_init__(self) -> None:
+        if self.orders < 1:
+            raise ConfigError("orders must be >= 1")
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"unknown replay scorer {self.scorer!r}; known: {', '.join(SCORERS)}")
+        if self.mean.seconds is not None:
+            raise ConfigError("a replayed batch has no wall clock: give the mean budget in generations, tokens "
+                              "or dollars")
+
+
+async def replay_policy(setup: ReplaySetup, policy: str, algorithm: str, *,
+                        table: StrategyTable | None = None, questions: Sequence[int] | None = None) -> PolicyCell:
+    """``policy`` with ``algorithm`` over the bank (or the ``questions`` given), ``orders`` times.
+    ``compute-optimal`` without a ``table`` is cross-fitted over two folds."""
+    if policy == "compute-optimal" and table is None:
+        return await _cross_fitted(setup, algorithm, questions)
+    bank = setup.bank
+    picked = list(questions) if questions is not None else list(range(len(bank.entries)))
+    sub = SampleBank([bank.entries[q] for q in picked], bank.meta)
+    grades = _Grades(sub, setup.equivalence)
+    sampling = replace(setup.sampling, logprobs=setup.sampling.logprobs and bank.has_logprobs)
+    scorer = SCORERS[setup.scorer](bank)
+    items = [Item(n + 1, e.problem.id, e.problem.question) for n, e in enumerate(sub.entries)]
+    total = _scaled(setup.mean, len(items))
+
+    def make(name: str) -> Algorithm:
+        made = make_algorithm(name, sampling, scorer)
+        made.equivalence = setup.equivalence
+        return made
+
+    right, tokens, gens = [], [], []
+    per_bin: dict[str, list[float]] = {}
+    for order in range(setup.orders):
+        chosen = make_policy(policy, probe=setup.probe, horizon=sub.k, table=table, equivalence=setup.equivalence)
+        result = await answer_batch(items, ReplayBackend(sub, seed=setup.seed + order), total, chosen, make,
+                                    algorithm=algorithm, max_tokens=sampling.max_tokens,
+                                    system_prompt=sampling.system_prompt, concurrency=8,
+                                    seed=setup.seed + order, max_samples=sub.k)
+        right.append([grades.correct(q, o.result.answer if o.result else None)
+                      for q, o in enumerate(result.outcomes)])
+        tokens.append(result.spent.input_tokens + result.spent.output_tokens)
+        gens.append(result.spent.generations)
+        for o, ok in zip(result.outcomes, right[-1]):
+            b = str((o.allocation or {}).get("bin"))
+            per_bin.setdefault(b, []).append(float(ok))
+    accuracies = [sum(r) / len(r) for r in right]
+    return PolicyCell(policy, algorithm, tuple(sum(col) / len(right) for col in zip(*right)),
+                      statistics.fmean(accuracies), statistics.pstdev(accuracies),
+                      statistics.fmean(tokens) / len(items), statistics.fmean(gens) / len(items), setup.orders,
+                      setup.mean, {b: {"accuracy": statistics.fmean(v), "prompts": len(v) / setup.orders}
+                                   for b, v in sorted(per_bin.items())})
+
+
+async def choose_table(setup: ReplaySetup, questions: Sequence[int], algorithms: Sequence[str],
+                       bins: int = 5) -> StrategyTable:
+    """The algorithm of each difficulty bin that was right most often on ``questions`` under
+    marginal-gain allocation (ties to the first of ``algorithms``); edges are the quantiles of
+    those questions' estimated difficulty after the probe."""
+    by_algorithm: dict[str, list[list[float]]] = {}
+    difficulty: list[float] = []
+    for name in algorithms:
+        cell_bins: list[list[float]] = [[] for _ in range(bins)]
+        dev = replace(setup, orders=max(1, setup.orders // 2))
+        for order in range(dev.orders):
+            outcome = await _marginal_run(dev, name, questions, order)
+            for allocation, ok in outcome:
+                if allocation.get("bin") is not None:
+                    cell_bins[min(int(allocation["bin"]), bins - 1)].append(ok)
+                if name == algorithms[0] and "difficulty" in allocation:
+                    difficulty.append(float(allocation["difficulty"]))
+        by_algorithm[name] = cell_bins
+    chosen = []
+    for b in range(bins):
+        rates = [(statistics.fmean(by_algorithm[a][b]) if by_algorithm[a][b] else -1.0, -i, a)
+                 for i, a in enumerate(algorithms)]
+        chosen.append(BinStrategy(max(rates)[2]))
+    return StrategyTable(tuple(chosen), quantile_edges(difficulty, bins))
+
+
+async def _marginal_run(setup: ReplaySetup, algorithm: str, questions: Sequence[int],
+                        order: int) -> list[tuple[dict[str, Any], float]]:
+    """(allocation, right) per question of one marginal-gain order over ``questions``."""
+    bank = setup.bank
+    sub = SampleBank([bank.entries[q] for q in questions], bank.meta)
+    grades = _Grades(sub, setup.equivalence)
+    sampling = replace(setup.sampling, logprobs=setup.sampling.logprobs and bank.has_logprobs)
+    scorer = SCORERS[setup.scorer](bank)
+    items = [Item(n + 1, e.problem.id, e.problem.question) for n, e in enumerate(sub.entries)]
+
+    def make(name: str) -> Algorithm:
+        made = make_algorithm(name, sampling, scorer)
+        made.equivalence = setup.equivalence
+        return made
+
+    policy = make_policy("marginal-gain", probe=setup.probe, horizon=sub.k, equivalence=setup.equivalence)
+    result = await answer_batch(items, ReplayBackend(sub, seed=setup.seed + 7_777 + order),
+                                _scaled(setup.mean, len(items)), policy, make, algorithm=algorithm,
+                                max_tokens=sampling.max_tokens, system_prompt=sampling.system_prompt,
+                                concurrency=8, seed=setup.seed + order, max_samples=sub.k)
+    return [(o.allocation or {}, float(grades.correct(q, o.result.answer if o.result else None)))
+            for q, o in enumerate(result.outcomes)]
+
+
+SELECTORS = ("self-consistency", "best-of-n", "weighted-best-of-n")
+
+
+async def _cross_fitted(setup: ReplaySetup, algorithm: str, questions: Sequence[int] | None,
+                        algorithms: Sequence[str] = SELECTORS) -> PolicyCell:
+    picked = list(questions) if questions is not None else list(range(len(setup.bank.entries)))
+    folds = [picked[0::2], picked[1::2]]
+    cells, tables = [], []
+    for test, dev in ((folds[0], folds[1]), (folds[1], folds[0])):
+        table = await choose_table(setup, dev, [algorithm, *(a for a in algorithms if a != algorithm)])
+        tables.append(table.to_dict())
+        cells.append(await replay_policy(setup, "compute-optimal", algorithm, table=table, questions=test))
+    per_question = [0.0] * len(picked)
+    position = {q: i for i, q in enumerate(picked)}
+    for fold, cell in zip((folds[0], folds[1]), cells):
+        for q, rate in zip(fold, cell.per_question):
+            per_question[position[q]] = rate
+    weights = [len(folds[0]), len(folds[1])]
+    mean = sum(w * c.accuracy for w, c in zip(weights, cells)) / sum(weights)
+    return PolicyCell("compute-optimal", algorithm, tuple(per_question), mean,
+                      max(c.accuracy_std for c in cells),
+                      sum(w * c.tokens for w, c in zip(weights, cells)) / sum(weights),
+                      sum(w * c.generations for w, c in zip(weights, cells)) / sum(weights),
+                      setup.orders, setup.mean, {}, tuple(tables))
+
+
+def _scaled(mean: Budget, questions: int) -> Budget:
+    """The total budget: ``mean`` per question over ``questions`` (whole units stay whole)."""
+    out: dict[str, Any] = {}
+    for unit in ("generations", "input_tokens", "output_tokens", "total_tokens", "usd"):
+        value = getattr(mean, unit)
+        if value is not None:
+            out[unit] = value * questions if unit == "usd" else round(value * questions)
+    return Budget(**out)
+
+
+def bootstrap_interval(values: Sequence[float], *, draws: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling questions)."""
+    if not values:
+        return (float("nan"), float("nan"))
+    arr = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, len(arr), size=(draws, len(arr)))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of a - b over the same questions, with its bootstrap interval."""
+    if len(a) != len(b):
+        raise ConfigError("a paired comparison needs the same questions on both sides")
+    diff = [x - y for x, y in zip(a, b)]
+    low, high = bootstrap_interval(diff)
+    return statistics.fmean(diff), low, high
