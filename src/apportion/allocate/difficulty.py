@@ -88,7 +88,8 @@ class Estimate:
 
 
 class Estimator(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def estimate(self, evidence: Evidence, horizon: int) -> Estimate:
         """The success curve for up to ``horizon`` more samples."""

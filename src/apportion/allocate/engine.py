@@ -134,7 +134,8 @@ class Batch:
 
     def with_share(self, state: PromptState, share: dict[str, float]) -> Grant | None:
         """A grant of ``share`` more in each planned unit (None when it rounds to nothing)."""
-        s, limits = state.spent, {}
+        s = state.spent
+        limits: dict[str, Any] = {}
         used = {"generations": s.generations, "input_tokens": s.input_tokens, "output_tokens": s.output_tokens,
                 "total_tokens": s.input_tokens + s.output_tokens, "usd": float(s.usd)}
         for unit, amount in share.items():
