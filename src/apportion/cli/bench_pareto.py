@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 @bench_app.command("pareto")
 def bench_pareto(
-    run: Annotated[Path, typer.Argument(help="A run directory of `apportion bench` (its summary.json).")],
+    run: Annotated[Path, typer.Argument(metavar="RUN_DIR",
+                                        help="A run directory of `apportion bench` (its summary.json).")],
     cost: Annotated[str, typer.Option(
         help="Cost axis: tokens, usd or generations (auto: tokens where the rows counted them, else generations).")]
     = "auto",

@@ -124,7 +124,11 @@ def _cost_axis(ax: Axes, result: Pareto) -> None:
     if min(costs) > 0:
         ax.set_xscale("log")
         _pad_log_x(ax, left=0.35)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:.2g}"))
+    else:
+        # no negative dollars: the axis starts just left of 0, and a run that cost nothing gets a tenth of a cent
+        right = 1.1 * max(costs) or 0.001
+        ax.set_xlim(-0.25 * right, right)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:.2g}" if v >= 0 else ""))
     ax.set_xlabel("mean dollars per question" + (" (log scale)" if min(costs) > 0 else ""))
 
 
