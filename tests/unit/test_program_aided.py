@@ -144,6 +144,8 @@ def test_extract_program(text, code):
 @pytest.mark.parametrize("stdout, answer", [
     ("42\n", "42"), ("working\n42.0\n\n", "42"), ("42 sheep\n", "42"), ("x = 5\n", "5"),
     ("The answer is 7\n", "7"), ("Answer: 3/4\n", "0.75"), ("[1, 2]\n", "[1, 2]"), ("", None), ("\n \n", None),
+    ("The result is: 19\n", "19"), ("Total sheep = 42 sheep\n", "42"), ("x is even\n", "x is even"),
+    ("ratio: a/b\n", "ratio: a/b"), ("The answer is: 42\n", "42"),
 ])
 def test_program_answer_is_the_last_line_normalised(stdout, answer):
     assert program_answer(stdout)[0] == answer

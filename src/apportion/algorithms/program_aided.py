@@ -33,7 +33,7 @@ from apportion.algorithms.stopping import StopRule
 from apportion.algorithms.voting import tally
 from apportion.answers.equivalence import Equivalence
 from apportion.answers.extract import extract_answer
-from apportion.answers.normalize import normalize_answer
+from apportion.answers.normalize import normalize_answer, numeric_value
 from apportion.budget.ledger import Ledger
 from apportion.budget.units import Budget
 from apportion.errors import ConfigError
@@ -48,9 +48,11 @@ PROGRAM_SYSTEM_PROMPT = (
 )
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 _PYTHON_TAGS = {"python", "py", "python3"}
-# A printed line is an answer as it stands unless it carries an explicit marker ("Answer: 5"); a
-# bare last-number guess would turn "[1, 2]" into "2".
+# A printed line is an answer as it stands unless it carries an explicit marker ("Answer: 5") or a
+# label before a number ("The result is: 19", "Total = 42"); a bare last-number guess would turn
+# "[1, 2]" into "2".
 _MARKERS = {"boxed", "hashes", "answer_is", "answer_colon"}
+_LABEL_END = re.compile(r":|=|\b(?:is|are|equals)\b")
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +217,10 @@ def program_answer(stdout: str) -> tuple[str | None, str | None]:
     if last is None:
         return None, None
     found = extract_answer(last)
-    raw = found.text if found is not None and found.method in _MARKERS else last
+    if found is not None and found.method in _MARKERS:
+        return normalize_answer(found.text), found.text
+    tail = _LABEL_END.split(last)[-1].strip()
+    raw = tail if tail and tail != last and numeric_value(normalize_answer(tail)) is not None else last
     return normalize_answer(raw), raw
 
 
