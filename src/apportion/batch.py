@@ -44,6 +44,8 @@ class Outcome:
         invalid (a line that could not be read)."""
         if self.item.error is not None:
             return "invalid"
+        if self.result is None and self.error is None:  # a batch allocator gave it nothing
+            return "nothing drawn"
         if self.result is None or (self.error is not None and not self.result.candidates):
             return "failed"
         if self.result.answer is not None:

@@ -33,6 +33,7 @@ from apportion.result import Candidate, Result
 # Seeds of a prompt's successive rounds lie this far apart, so no round repeats an earlier one's draws.
 ROUND_SEED_STRIDE = 1_000_003
 PLANNED_UNITS = ("generations", "input_tokens", "output_tokens", "total_tokens", "usd")
+# tool_calls bind through the parent ledger, never exceeded, but plans do not price them yet
 
 
 @dataclass(frozen=True, slots=True)

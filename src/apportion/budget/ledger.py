@@ -328,8 +328,9 @@ class Ledger:
                               + self._reserved.input_tokens + self._reserved.output_tokens),
                 usd=self._spent.usd + self._reserved.usd,
                 seconds=None,
+                tool_calls=self._spent.tool_calls + self._reserved.tool_calls,
             )
-            for unit in ("generations", "input_tokens", "output_tokens", "total_tokens", "usd"):
+            for unit in ("generations", "input_tokens", "output_tokens", "total_tokens", "usd", "tool_calls"):
                 limit = getattr(budget, unit)
                 if limit is not None and to_fraction(limit) < getattr(used, unit):
                     raise BudgetError(f"cannot set {unit} to {limit}: {getattr(used, unit)} already spent or reserved")
