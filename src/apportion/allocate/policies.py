@@ -4,6 +4,8 @@
   are served in file order, a window at a time; each gets ``factor`` times what is left divided by
   the prompts still to come (1, 2 and 0.5), and the last gets whatever is left. What a prompt does
   not spend flows to the later ones (remaining-budget bookkeeping).
+- ``equal-samples``: the same number of samples for every prompt from one pooled budget (the
+  baseline that isolates allocation: pooled like the policies below, split evenly).
 - ``difficulty-bins``: a probe of a few samples per prompt, then Snell et al.'s bins of estimated
   difficulty, each with its own strategy (algorithm) and share of the rest.
 - ``marginal-gain``: a probe, then greedy allocation (``allocate.greedy``) of the rest by expected
@@ -187,6 +189,39 @@ class Probing(Policy):
 
 
 @dataclass
+class EqualSamples(Probing):
+    """Every prompt the same number of samples (give or take one), from one pooled budget: a
+    probe to learn what a sample costs, then as many each as the expected costs allow, then one
+    more each, in file order, while they fit. The fair baseline for allocation: the budget is
+    pooled as the allocating policies pool it, and only the split differs."""
+
+    name: str = "equal-samples"
+
+    def plan(self, batch: Batch) -> dict[int, Grant]:
+        if batch.round == 0:
+            return self.probe_round(batch)
+        live = [p for p in batch.active if p.ledger is not None and p.spent.generations < self.horizon]
+        rem, units = batch.remaining(), batch.planned_units()
+        if not live or not units:
+            return {}
+        costs = [batch.sample_cost(p) for p in live]
+        x = min(math.floor(float(getattr(rem, u)) / max(1e-12, sum(c[u] for c in costs))) for u in units)
+        if x >= 1:
+            return {p.index: batch.with_samples(p, x) for p in live}
+        grants, spent = {}, dict.fromkeys(units, 0.0)
+        least = min(p.spent.generations for p in live)
+        for p, c in zip(live, costs):
+            if p.spent.generations > least:
+                continue  # one more each, the ones behind first
+            if any(spent[u] + c[u] > float(getattr(rem, u)) for u in units):
+                break
+            for u in units:
+                spent[u] += c[u]
+            grants[p.index] = batch.with_samples(p, 1)
+        return grants
+
+
+@dataclass
 class MarginalGain(Probing):
     """Greedy by expected gain per unit of cost, re-planned every round; at most ``step`` more
     samples per prompt per round, so new evidence can redirect the rest."""
@@ -249,7 +284,8 @@ class DifficultyBins(Probing):
         return grants
 
 
-POLICIES = ("uniform", "front-load", "back-load", "difficulty-bins", "marginal-gain", "compute-optimal")
+POLICIES = ("uniform", "front-load", "back-load", "equal-samples", "difficulty-bins", "marginal-gain",
+            "compute-optimal")
 
 
 def make_policy(name: str, *, window: int = 4, probe: int = 2, horizon: int = 32, step: int = 4,
@@ -260,6 +296,8 @@ def make_policy(name: str, *, window: int = 4, probe: int = 2, horizon: int = 32
     est = estimator or AgreementEstimator()
     if name in ("uniform", "front-load", "back-load"):
         return StreamShare({"uniform": 1.0, "front-load": 2.0, "back-load": 0.5}[name], window, name)
+    if name == "equal-samples":
+        return EqualSamples(probe, horizon, _one_bin(table), est, eq)
     if name == "difficulty-bins":
         return DifficultyBins(probe, horizon, table or DEFAULT_BINS, est, eq)
     if name == "marginal-gain":

@@ -228,3 +228,32 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
     diff = [x - y for x, y in zip(a, b)]
     low, high = bootstrap_interval(diff)
     return statistics.fmean(diff), low, high
+
+
+async def compare_policies(setup: ReplaySetup, policies: Sequence[str], algorithms: Sequence[str]) -> dict[str, Any]:
+    """Every policy with every algorithm at the same mean budget, each beside uniform allocation
+    with the same algorithm (allocation alone) and beside uniform self-consistency (the whole
+    system against the usual baseline), paired over questions."""
+    wanted = list(dict.fromkeys(["uniform", "equal-samples", *policies]))
+    cells: dict[tuple[str, str], PolicyCell] = {}
+    for name in dict.fromkeys(["self-consistency", *algorithms]):
+        for policy in wanted if name in algorithms else ["uniform", "equal-samples"]:
+            cells[(policy, name)] = await replay_policy(setup, policy, name)
+    base = cells[("uniform", "self-consistency")]
+    # the best fixed strategy spent evenly, under either way of spending evenly
+    best_fixed = max((c for (p, _), c in cells.items() if p in ("uniform", "equal-samples")),
+                     key=lambda c: c.accuracy)
+    rows = []
+    for (_, name), cell in cells.items():
+        row = cell.to_dict()
+        row["vs_uniform_same_algorithm"] = list(paired_difference(cell.per_question,
+                                                                  cells[("uniform", name)].per_question))
+        row["vs_equal_samples_same_algorithm"] = list(paired_difference(
+            cell.per_question, cells[("equal-samples", name)].per_question))
+        row["vs_uniform_self_consistency"] = list(paired_difference(cell.per_question, base.per_question))
+        row["vs_best_fixed"] = list(paired_difference(cell.per_question, best_fixed.per_question))
+        rows.append(row)
+    return {"bank": setup.bank.meta, "questions": len(setup.bank.entries), "samples_per_question": setup.bank.k,
+            "budget_per_question": setup.mean.to_dict(), "orders": setup.orders, "probe": setup.probe,
+            "scorer": setup.scorer, "best_fixed": {"policy": best_fixed.policy, "algorithm": best_fixed.algorithm},
+            "rows": rows}

@@ -46,6 +46,7 @@ from apportion.cli._app import (
     make_backend,
     sampling_options,
 )
+from apportion.cli.bench_policies import run_policies
 from apportion.errors import ApportionError, ConfigError
 from apportion.lm.base import Backend
 
@@ -99,6 +100,14 @@ def bench(
     stop: Annotated[list[str] | None, typer.Option(
         "--stop", help="Also replay a stopping rule at the bank's full size, beside each replayed algorithm: "
                        "RULE[:key=value,...] (repeatable: one row per rule; never split on commas).")] = None,
+    policy: Annotated[list[str] | None, typer.Option(
+        "--policy", help="With --bank: compare allocation policies under one total budget instead of the grid "
+                         "(comma-separated or repeatable; uniform is always included).")] = None,
+    mean_budget: Annotated[str | None, typer.Option(
+        "--mean-budget", help="With --policy: the budget per question on average, in any unit "
+                              "('tokens=450', 'gen=8'; default half the bank's samples).")] = None,
+    probe: Annotated[int, typer.Option(help="With --policy: samples per question before difficulty is "
+                                            "estimated.")] = 2,
 ) -> None:
     """Run algorithms x budgets over a dataset; write a run directory and print the table."""
     console = Console(stderr=True, soft_wrap=True)
@@ -157,6 +166,16 @@ def bench(
                                     answer_field=answer_field, level_field=level_field)
             name = Path(dataset).stem if dataset.endswith(".jsonl") else dataset
             backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
+        if policy:
+            if given_bank is None:
+                raise ConfigError("--policy replays a bank: give --bank")
+            policies = [p.strip() for item in policy for p in item.split(",") if p.strip()]
+            run_policies(given_bank, policies, _split(algorithms, "algorithms"), mean_budget, orders, seed,
+                         "bank" if scorer == "bank" else "self-certainty", sampling, probe,
+                         out or Path("runs") / f"{name}-policies-{datetime.now():%Y%m%d-%H%M%S}", Console())
+            return
+        if mean_budget is not None:
+            raise ConfigError("--mean-budget goes with --policy")
         peers = tuple(p.strip() for item in (peer or []) for p in item.split(",") if p.strip())
         for p in peers:
             peer_module(p)
