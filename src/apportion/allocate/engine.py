@@ -16,7 +16,7 @@ scheduling (the backend's own answers aside).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -45,6 +45,8 @@ class Grant:
     algorithm: str | None = None
     worst: dict[str, float] | None = None
     """The most this round can spend, per unit (None: bounded by ``budget`` itself)."""
+    model: str | None = None
+    """The model (a key of ``answer_batch``'s ``backends``) this round runs on; None: the batch's backend."""
 
 
 @dataclass
@@ -62,6 +64,10 @@ class PromptState:
     estimate: Estimate | None = None
     bin: int | None = None
     prompt_tokens: int = 0
+    model: str | None = None
+    """The model of its last round, where a grant named one."""
+    model_prompt_tokens: dict[str, int] = field(default_factory=dict)
+    """Its prompt's tokens on each of the batch's named models (tokenizers differ)."""
 
     @property
     def candidates(self) -> tuple[Candidate, ...]:
@@ -77,6 +83,8 @@ class PromptState:
 
     def allocation(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rounds": self.rounds, "algorithm": self.algorithm, "bin": self.bin}
+        if self.model is not None:
+            out["model"] = self.model
         if self.estimate is not None:
             out.update(self.estimate.to_dict())
         return out
@@ -95,6 +103,8 @@ class Batch:
     """The most samples any one prompt may draw in all (a bank's samples per question)."""
     round: int = 0
     notes: list[str] = field(default_factory=list)
+    backends: dict[str, Backend] = field(default_factory=dict)
+    """The named models a grant may run on (their prices price its plans)."""
 
     @property
     def active(self) -> list[PromptState]:
@@ -213,12 +223,14 @@ async def answer_batch(
     seed: int | None = None,
     max_samples: int | None = None,
     max_rounds: int = 1000,
+    backends: Mapping[str, Backend] | None = None,
 ) -> BatchResult:
     """Answer ``items`` under one ``total`` budget as ``policy`` plans; outcomes in file order.
 
     ``make_algorithm(name)`` builds the algorithm a grant names (``algorithm`` where it names
     none); ``max_tokens`` and ``system_prompt`` must be those the algorithms sample with (the
-    engine sizes worst cases with them).
+    engine sizes worst cases with them). ``backends`` are the named models a grant may run on
+    (``Grant.model``); a grant naming none runs on ``backend``.
     """
     if concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
@@ -227,7 +239,10 @@ async def answer_batch(
     for state in states:
         if state.item.prompt is not None:
             state.prompt_tokens = await backend.prompt_tokens(Prompt.chat(state.item.prompt, system=system_prompt))
-    batch = Batch(states, parent, backend.price, max_tokens, algorithm, max_samples)
+            for name, named in (backends or {}).items():
+                state.model_prompt_tokens[name] = await named.prompt_tokens(
+                    Prompt.chat(state.item.prompt, system=system_prompt))
+    batch = Batch(states, parent, backend.price, max_tokens, algorithm, max_samples, backends=dict(backends or {}))
     limit = asyncio.Semaphore(concurrency)
 
     async def advance(state: PromptState, grant: Grant, round_no: int) -> None:
@@ -237,11 +252,13 @@ async def answer_batch(
         else:
             state.ledger.top_up(grant.budget)
         state.algorithm = grant.algorithm or state.algorithm or algorithm
+        lm = _backend_for(grant, backend, batch.backends)
+        state.model = grant.model or state.model
         run_seed = None if seed is None else seed + state.item.line + ROUND_SEED_STRIDE * round_no
         try:
             async with limit:
                 state.result = await make_algorithm(state.algorithm).run(
-                    backend, state.item.prompt, state.ledger, seed=run_seed, prior=state.candidates)
+                    lm, state.item.prompt, state.ledger, seed=run_seed, prior=state.candidates)
         except RunFailed as exc:  # nothing drawn this round; the attempts' spend is in the ledger
             state.result = exc.result if exc.result.candidates or state.result is None else state.result
             state.error, state.done = f"line {state.item.line}: {exc}", True
@@ -274,6 +291,15 @@ async def answer_batch(
     outcomes = tuple(_outcome(s) for s in states)
     return BatchResult(outcomes, parent.spend(), total, policy.describe(), batch.round + 1,
                        tuple(dict.fromkeys(batch.notes)))
+
+
+def _backend_for(grant: Grant, backend: Backend, named: Mapping[str, Backend]) -> Backend:
+    if grant.model is None:
+        return backend
+    if grant.model not in named:
+        raise ConfigError(f"a grant names model {grant.model!r}, which the batch was not given; "
+                          f"known: {', '.join(named) or 'none'}")
+    return named[grant.model]
 
 
 def _fits_together(grants: Sequence[Grant], rem: Remaining) -> bool:
