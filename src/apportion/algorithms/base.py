@@ -20,7 +20,7 @@ from apportion._sync import run_sync
 from apportion.algorithms.prompting import PromptMode, apply_prompt_mode
 from apportion.algorithms.stopping import Seen, StopRule
 from apportion.answers.equivalence import Equivalence
-from apportion.answers.extract import placeholder_in, read_answer
+from apportion.answers.extract import placeholder_in, read_answer_for
 from apportion.budget.ledger import CallRecord, Ledger
 from apportion.budget.units import Budget
 from apportion.errors import BackendError, BudgetError, BudgetExhausted, ConfigError, RunFailed
@@ -108,10 +108,7 @@ class RunContext:
         model = self.lm.backend.model
         if sample.finish_reason == "cut":  # abandoned mid-thought: whatever it said so far is no answer
             return Candidate.from_sample(sample, None, None, None, model)
-        answer, raw, method = read_answer(sample.text)
-        if raw is not None and raw.strip() == self.placeholder:
-            answer = raw = method = None
-        return Candidate.from_sample(sample, answer, raw, method, model)
+        return Candidate.from_sample(sample, *read_answer_for(sample.text, self.placeholder), model)
 
     def result(self, *, answer: str | None, response: str | None, candidates: Sequence[Candidate],
                distribution: dict[str, float], final: bool) -> Result:

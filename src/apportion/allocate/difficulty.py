@@ -113,26 +113,34 @@ class AgreementEstimator:
             raise ConfigError("alpha and unseen must be > 0 and draws >= 1")
 
     def estimate(self, evidence: Evidence, horizon: int) -> Estimate:
-        if horizon < 0:
-            raise ConfigError(f"horizon must be >= 0, got {horizon}")
-        counts = np.array([*evidence.counts, 0, 0], dtype=np.int64)  # two answers not seen yet
-        answers = len(counts)
-        prior = np.array([self.alpha] * len(evidence.counts) + [self.unseen, self.unseen, self.alpha])
-        rng = np.random.default_rng(_stable_seed(self.seed, evidence))
-        theta = rng.dirichlet(prior + np.append(counts, evidence.unanswered), size=self.draws)
+        votes, theta = simulate(evidence, horizon, self.alpha, self.unseen, self.draws, self.seed)
+        answers = votes.shape[2]
         right = theta[:, :answers]  # an answer's chance of being right: its share of all samples
-        # future samples per draw: class indices, then running vote counts after each
-        cum = np.cumsum(theta, axis=1)
-        picks = (rng.random((self.draws, horizon, 1)) > cum[:, None, :]).sum(axis=2)
-        onehot = picks[:, :, None] == np.arange(answers)[None, None, :]
-        votes = counts[None, None, :] + np.concatenate(
-            [np.zeros((self.draws, 1, answers), dtype=np.int64), np.cumsum(onehot, axis=1)], axis=1)
         winner = votes.argmax(axis=2)  # ties go to the earlier class: the current leader
-        has_vote = votes.max(axis=2) > 0
-        p = np.where(has_vote, np.take_along_axis(right, winner, axis=1), 0.0)
+        p = np.where(votes.max(axis=2) > 0, np.take_along_axis(right, winner, axis=1), 0.0)
         now = p[:, 0]
         return Estimate(tuple(float(x) for x in p.mean(axis=0)), float(np.quantile(now, 0.1)),
                         float(np.quantile(now, 0.9)), evidence)
+
+
+def simulate(evidence: Evidence, horizon: int, alpha: float, unseen: float, draws: int,
+             seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior draws of the answer distribution (classes: the answers seen, two unseen, then "no
+    answer"), and for each the vote counts per answer class after 0..horizon more samples:
+    ``votes[draw, j, class]``."""
+    if horizon < 0:
+        raise ConfigError(f"horizon must be >= 0, got {horizon}")
+    counts = np.array([*evidence.counts, 0, 0], dtype=np.int64)  # two answers not seen yet
+    answers = len(counts)
+    prior = np.array([alpha] * len(evidence.counts) + [unseen, unseen, alpha])
+    rng = np.random.default_rng(_stable_seed(seed, evidence))
+    theta = rng.dirichlet(prior + np.append(counts, evidence.unanswered), size=draws)
+    cum = np.cumsum(theta, axis=1)
+    picks = (rng.random((draws, horizon, 1)) > cum[:, None, :]).sum(axis=2)
+    onehot = picks[:, :, None] == np.arange(answers)[None, None, :]
+    votes = counts[None, None, :] + np.concatenate(
+        [np.zeros((draws, 1, answers), dtype=np.int64), np.cumsum(onehot, axis=1)], axis=1)
+    return votes, theta
 
 
 def _stable_seed(seed: int, evidence: Evidence) -> int:

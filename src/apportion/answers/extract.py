@@ -62,6 +62,14 @@ def read_answer(text: str) -> tuple[str | None, str | None, str | None]:
 _PLACEHOLDER_RE = re.compile(r"answer is ([A-Za-z])\b")
 
 
+def read_answer_for(text: str, placeholder: str | None) -> tuple[str | None, str | None, str | None]:
+    """``read_answer``, except that an answer equal to the instruction's ``placeholder`` is none."""
+    answer, raw, method = read_answer(text)
+    if raw is not None and placeholder is not None and raw.strip() == placeholder:
+        return None, None, None
+    return answer, raw, method
+
+
 def placeholder_in(instruction: str | None) -> str | None:
     """The letter an instruction uses as the answer's placeholder ("End with 'The answer is N'"),
     which weak models copy verbatim: an answer equal to it is no answer."""

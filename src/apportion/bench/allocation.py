@@ -4,8 +4,8 @@ the real engine and algorithms on ``ReplayBackend``, so every policy sees identi
 The total is a mean per question times the number of questions. Each order is a fresh shuffle of
 every question's samples; accuracy is the mean over orders, with a bootstrap interval over
 questions, and every policy is compared with a baseline on the same questions and orders (a
-paired interval of the difference). ``compute-optimal`` needs a strategy table chosen on other
-questions: the questions are split in two folds, the table for each fold is chosen on the other
+paired interval of the difference). ``difficulty-bins`` and ``compute-optimal`` need a strategy
+table chosen on other questions: the questions are split in two folds, the table for each fold is chosen on the other
 (cross-fitting), so no question's own outcome picks its strategy.
 """
 
@@ -20,8 +20,9 @@ import numpy as np
 
 from apportion.algorithms.base import Algorithm, SamplingOptions
 from apportion.algorithms.registry import make_algorithm
-from apportion.allocate.difficulty import quantile_edges
+from apportion.allocate.difficulty import Estimator, quantile_edges
 from apportion.allocate.engine import answer_batch
+from apportion.allocate.learned import LearnedEstimator
 from apportion.allocate.policies import BinStrategy, StrategyTable, make_policy
 from apportion.answers.equivalence import Equivalence
 from apportion.banks import SampleBank
@@ -69,6 +70,8 @@ class ReplaySetup:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     probe: int = 2
     equivalence: Equivalence = field(default_factory=Equivalence)
+    estimator: Estimator | None = None
+    """The difficulty estimator of the probing policies (None: the agreement estimator)."""
 
     def __post_init__(self) -> None:
         if self.orders < 1:
@@ -84,8 +87,8 @@ async def replay_policy(setup: ReplaySetup, policy: str, algorithm: str, *,
                         table: StrategyTable | None = None, questions: Sequence[int] | None = None) -> PolicyCell:
     """``policy`` with ``algorithm`` over the bank (or the ``questions`` given), ``orders`` times.
     ``compute-optimal`` without a ``table`` is cross-fitted over two folds."""
-    if policy == "compute-optimal" and table is None:
-        return await _cross_fitted(setup, algorithm, questions)
+    if policy in TABLED and table is None:
+        return await _cross_fitted(setup, policy, algorithm, questions)
     bank = setup.bank
     picked = list(questions) if questions is not None else list(range(len(bank.entries)))
     sub = SampleBank([bank.entries[q] for q in picked], bank.meta)
@@ -103,7 +106,8 @@ async def replay_policy(setup: ReplaySetup, policy: str, algorithm: str, *,
     right, tokens, gens = [], [], []
     per_bin: dict[str, list[float]] = {}
     for order in range(setup.orders):
-        chosen = make_policy(policy, probe=setup.probe, horizon=sub.k, table=table, equivalence=setup.equivalence)
+        chosen = make_policy(policy, probe=setup.probe, horizon=sub.k, table=table, equivalence=setup.equivalence,
+                             estimator=setup.estimator)
         result = await answer_batch(items, ReplayBackend(sub, seed=setup.seed + order), total, chosen, make,
                                     algorithm=algorithm, max_tokens=sampling.max_tokens,
                                     system_prompt=sampling.system_prompt, concurrency=8,
@@ -164,7 +168,8 @@ async def _marginal_run(setup: ReplaySetup, algorithm: str, questions: Sequence[
         made.equivalence = setup.equivalence
         return made
 
-    policy = make_policy("marginal-gain", probe=setup.probe, horizon=sub.k, equivalence=setup.equivalence)
+    policy = make_policy("marginal-gain", probe=setup.probe, horizon=sub.k, equivalence=setup.equivalence,
+                         estimator=setup.estimator)
     result = await answer_batch(items, ReplayBackend(sub, seed=setup.seed + 7_777 + order),
                                 _scaled(setup.mean, len(items)), policy, make, algorithm=algorithm,
                                 max_tokens=sampling.max_tokens, system_prompt=sampling.system_prompt,
@@ -174,9 +179,11 @@ async def _marginal_run(setup: ReplaySetup, algorithm: str, questions: Sequence[
 
 
 SELECTORS = ("self-consistency", "best-of-n", "weighted-best-of-n")
+TABLED = ("difficulty-bins", "compute-optimal")
+"""Policies with a strategy per bin: replayed with a table chosen on the other fold."""
 
 
-async def _cross_fitted(setup: ReplaySetup, algorithm: str, questions: Sequence[int] | None,
+async def _cross_fitted(setup: ReplaySetup, policy: str, algorithm: str, questions: Sequence[int] | None,
                         algorithms: Sequence[str] = SELECTORS) -> PolicyCell:
     picked = list(questions) if questions is not None else list(range(len(setup.bank.entries)))
     folds = [picked[0::2], picked[1::2]]
@@ -184,7 +191,7 @@ async def _cross_fitted(setup: ReplaySetup, algorithm: str, questions: Sequence[
     for test, dev in ((folds[0], folds[1]), (folds[1], folds[0])):
         table = await choose_table(setup, dev, [algorithm, *(a for a in algorithms if a != algorithm)])
         tables.append(table.to_dict())
-        cells.append(await replay_policy(setup, "compute-optimal", algorithm, table=table, questions=test))
+        cells.append(await replay_policy(setup, policy, algorithm, table=table, questions=test))
     per_question = [0.0] * len(picked)
     position = {q: i for i, q in enumerate(picked)}
     for fold, cell in zip((folds[0], folds[1]), cells):
@@ -192,7 +199,7 @@ async def _cross_fitted(setup: ReplaySetup, algorithm: str, questions: Sequence[
             per_question[position[q]] = rate
     weights = [len(folds[0]), len(folds[1])]
     mean = sum(w * c.accuracy for w, c in zip(weights, cells)) / sum(weights)
-    return PolicyCell("compute-optimal", algorithm, tuple(per_question), mean,
+    return PolicyCell(policy, algorithm, tuple(per_question), mean,
                       max(c.accuracy_std for c in cells),
                       sum(w * c.tokens for w, c in zip(weights, cells)) / sum(weights),
                       sum(w * c.generations for w, c in zip(weights, cells)) / sum(weights),
@@ -255,5 +262,6 @@ async def compare_policies(setup: ReplaySetup, policies: Sequence[str], algorith
         rows.append(row)
     return {"bank": setup.bank.meta, "questions": len(setup.bank.entries), "samples_per_question": setup.bank.k,
             "budget_per_question": setup.mean.to_dict(), "orders": setup.orders, "probe": setup.probe,
+            "estimator": setup.estimator.to_dict() if isinstance(setup.estimator, LearnedEstimator) else "agreement",
             "scorer": setup.scorer, "best_fixed": {"policy": best_fixed.policy, "algorithm": best_fixed.algorithm},
             "rows": rows}

@@ -20,6 +20,7 @@ from rich.table import Table
 from apportion.algorithms.base import SamplingOptions, check_budget_can_bind
 from apportion.algorithms.registry import ALGORITHMS, make_algorithm
 from apportion.allocate.engine import BatchResult, answer_batch
+from apportion.allocate.learned import LearnedEstimator
 from apportion.allocate.policies import POLICIES, StrategyTable, make_policy
 from apportion.batch import Item, read_items
 from apportion.budget.units import Budget
@@ -51,6 +52,8 @@ from apportion.lm.base import Backend
 from apportion.reward.base import OutcomeScorer
 
 PolicyOpt = Annotated[str, typer.Option("--policy", help=f"How the total is shared: {', '.join(POLICIES)}.")]
+EstimatorOpt = Annotated[Path | None, typer.Option(
+    "--estimator", help="A learned difficulty estimator (`apportion bench train-estimator`); default: agreement.")]
 StrategiesOpt = Annotated[Path | None, typer.Option(
     "--strategies", help="A strategy table (JSON: an algorithm and weight per difficulty bin), e.g. the "
                          "strategies.json that `apportion bench --policy compute-optimal` writes.")]
@@ -71,10 +74,12 @@ class BatchJob:
     horizon: int
     concurrency: int
     seed: int | None
+    estimator: LearnedEstimator | None = None
 
 
 async def run_job(job: BatchJob, backend: Backend) -> BatchResult:
-    policy = make_policy(job.policy, window=job.concurrency, probe=job.probe, horizon=job.horizon, table=job.table)
+    policy = make_policy(job.policy, window=job.concurrency, probe=job.probe, horizon=job.horizon, table=job.table,
+                         estimator=job.estimator)
     try:
         return await answer_batch(
             job.items, backend, job.total, policy, lambda name: make_algorithm(name, job.sampling, job.scorer),
@@ -121,7 +126,7 @@ def _print_bins(summary: dict[str, Any], console: Console) -> None:
 
 def checked_job(file: Path, out: Path | None, total_budget: str, policy: str, algorithm: str,
                 sampling: SamplingOptions, scorer: str, strategies: Path | None, probe: int, horizon: int,
-                concurrency: int, seed: int | None, field: str | None) -> BatchJob:
+                concurrency: int, seed: int | None, field: str | None, estimator: Path | None = None) -> BatchJob:
     if out is None:
         raise ConfigError("a batch needs --out, the JSONL file to write answers to")
     if policy not in POLICIES:
@@ -132,8 +137,9 @@ def checked_job(file: Path, out: Path | None, total_budget: str, policy: str, al
     make_algorithm(algorithm, sampling, make_scorer(scorer))  # validates before any work
     table = StrategyTable.load(strategies) if strategies is not None else None
     check_output(out, inputs=(file,))
+    learned = LearnedEstimator.load(estimator) if estimator is not None else None
     return BatchJob(read_items(file, field), total, policy, algorithm, sampling, make_scorer(scorer), table,
-                    probe, horizon, concurrency, seed)
+                    probe, horizon, concurrency, seed, learned)
 
 
 def run_batch_command(job: BatchJob, backend: Backend, out: Path, report: Path | None, json_out: bool,
@@ -162,6 +168,7 @@ def batch(
     algorithm: Annotated[str, typer.Option("--algorithm", "-a", help=f"One of: {', '.join(ALGORITHMS)}.")] =
         "self-consistency",
     strategies: StrategiesOpt = None,
+    estimator: EstimatorOpt = None,
     probe: Annotated[int, typer.Option(help="Samples per prompt before difficulty is estimated.")] = 2,
     horizon: Annotated[int, typer.Option(help="The most samples any one prompt may get.")] = 32,
     report: Annotated[Path | None, typer.Option(
@@ -190,7 +197,7 @@ def batch(
     try:
         job = checked_job(file, out, total_budget, policy, algorithm,
                           sampling_options(max_tokens, temperature, top_p, system_prompt), scorer, strategies,
-                          probe, horizon, concurrency, seed, field)
+                          probe, horizon, concurrency, seed, field, estimator)
         backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
     except ApportionError as exc:
         fail(console, exc, EXIT_USAGE)

@@ -108,6 +108,8 @@ def bench(
                               "('tokens=450', 'gen=8'; default half the bank's samples).")] = None,
     probe: Annotated[int, typer.Option(help="With --policy: samples per question before difficulty is "
                                             "estimated.")] = 2,
+    estimator: Annotated[Path | None, typer.Option(
+        help="With --policy: a learned difficulty estimator (`apportion bench train-estimator`).")] = None,
 ) -> None:
     """Run algorithms x budgets over a dataset; write a run directory and print the table."""
     console = Console(stderr=True, soft_wrap=True)
@@ -172,7 +174,8 @@ def bench(
             policies = [p.strip() for item in policy for p in item.split(",") if p.strip()]
             run_policies(given_bank, policies, _split(algorithms, "algorithms"), mean_budget, orders, seed,
                          "bank" if scorer == "bank" else "self-certainty", sampling, probe,
-                         out or Path("runs") / f"{name}-policies-{datetime.now():%Y%m%d-%H%M%S}", Console())
+                         out or Path("runs") / f"{name}-policies-{datetime.now():%Y%m%d-%H%M%S}", Console(),
+                         estimator)
             return
         if mean_budget is not None:
             raise ConfigError("--mean-budget goes with --policy")
@@ -446,3 +449,22 @@ def bench_fit(
                      *([reach] if target is not None else []))
     console.print(grid)
     typer.echo(f"wrote {out}")
+
+
+@bench_app.command("train-estimator")
+def bench_train_estimator(
+    bank: Annotated[list[Path], typer.Option("--bank", help="A sample bank with gold answers (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", help="Where the estimator (JSON) goes.")],
+    orders: Annotated[int, typer.Option(help="Sample orders per question: each gives every prefix's vote.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the orders.")] = 0,
+) -> None:
+    """Fit the learned difficulty estimator (how often a vote of a given shape is right) on banks."""
+    from apportion.cli.bench_policies import train_estimator
+
+    try:
+        if orders < 1:
+            raise ConfigError(f"--orders must be >= 1, got {orders}")
+        estimator = train_estimator(bank, out, orders, seed)
+    except ApportionError as exc:
+        fail(Console(stderr=True), exc, EXIT_USAGE)
+    typer.echo(f"trained on {estimator.examples} votes from {', '.join(estimator.trained_on)}; wrote {out}")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from apportion.algorithms.base import SamplingOptions
+from apportion.allocate.learned import LearnedEstimator
 from apportion.allocate.policies import POLICIES
 from apportion.banks import SampleBank
 from apportion.bench.allocation import ReplaySetup, compare_policies
@@ -20,7 +21,7 @@ from apportion.errors import ConfigError
 
 def run_policies(bank: SampleBank, policies: list[str], algorithms: list[str], mean_budget: str | None,
                  orders: int, seed: int, scorer: str, sampling: SamplingOptions, probe: int, out: Path,
-                 console: Console) -> dict[str, Any]:
+                 console: Console, estimator: Path | None = None) -> dict[str, Any]:
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ConfigError(f"unknown policy {unknown[0]!r}; known: {', '.join(POLICIES)}")
@@ -28,7 +29,8 @@ def run_policies(bank: SampleBank, policies: list[str], algorithms: list[str], m
     if mean.generations is not None and mean.generations * 2 > bank.k:
         console.print(f"[yellow]note:[/yellow] a mean of {mean.generations} samples per question leaves a policy "
                       f"little room: the bank has {bank.k} (compare at no more than half)")
-    setup = ReplaySetup(bank, mean, orders=orders, seed=seed, scorer=scorer, sampling=sampling, probe=probe)
+    setup = ReplaySetup(bank, mean, orders=orders, seed=seed, scorer=scorer, sampling=sampling, probe=probe,
+                        estimator=LearnedEstimator.load(estimator) if estimator is not None else None)
     summary = asyncio.run(compare_policies(setup, policies, algorithms))
     out.mkdir(parents=True, exist_ok=True)
     (out / "policies.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
@@ -57,3 +59,16 @@ def _table(summary: dict[str, Any], console: Console) -> None:
 
 def _diff(d: list[float]) -> str:
     return f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"
+
+
+def train_estimator(banks: list[Path], out: Path, orders: int, seed: int) -> LearnedEstimator:
+    """Fit the learned estimator on banks with gold answers and save it."""
+    from apportion.allocate.learned import train
+    from apportion.banks import open_bank
+
+    if not banks:
+        raise ConfigError("give at least one --bank to train on")
+    estimator = train([(path.name if path.name != "bank.jsonl" else path.parent.name, open_bank(path))
+                       for path in banks], orders=orders, seed=seed)
+    estimator.save(out)
+    return estimator

@@ -45,6 +45,7 @@ from apportion.cli._app import (
     make_scorer,
     sampling_options,
 )
+from apportion.cli.batch import EstimatorOpt, PolicyOpt, StrategiesOpt, checked_job, run_batch_command
 from apportion.errors import ApportionError, ConfigError, RunFailed
 from apportion.files import ReplacingWriter, check_output, is_text
 from apportion.lm.base import Backend
@@ -100,9 +101,28 @@ def run(
         help="program-aided: seconds each program may run, wall and CPU (default 5).")] = None,
     program_memory_mb: Annotated[int | None, typer.Option(
         help="program-aided: memory each program's interpreter may use, in MB (default 512).")] = None,
+    total_budget: Annotated[str | None, typer.Option(
+        "--total-budget", help="With --file: one budget for the whole file, shared out by --policy "
+                               "(the same as `apportion batch`); --budget is then unused.")] = None,
+    policy: PolicyOpt = "compute-optimal",
+    strategies: StrategiesOpt = None,
+    estimator: EstimatorOpt = None,
 ) -> None:
     """Answer a prompt (or a file of prompts) within a budget."""
     console = Console(stderr=True, soft_wrap=True)
+    if total_budget is not None:
+        try:
+            if file is None:
+                raise ConfigError("--total-budget shares one budget over a --file of prompts")
+            job = checked_job(file, out, total_budget, policy, algorithm,
+                              sampling_options(max_tokens, temperature, top_p, system_prompt), scorer, strategies,
+                              2, 32, concurrency, seed, field, estimator)
+            backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
+        except ApportionError as exc:
+            fail(console, exc, EXIT_USAGE)
+        assert out is not None
+        run_batch_command(job, backend, out, None, json_out, trace, console)
+        return
     try:
         parsed_budget = Budget.parse(budget)
         sampling = sampling_options(max_tokens, temperature, top_p, system_prompt)
