@@ -242,7 +242,9 @@ class MarginalGain(Probing):
         if not live or any(float(getattr(rem, u)) <= 0 for u in units):
             return {}
         # one budget of 1: a sample costs its largest fraction of what is left in any unit
-        costs = [max([batch.sample_cost(p)[u] / float(getattr(rem, u)) for u in units] or [1e-9]) for p in live]
+        # a sample that costs nothing in every planned unit (a bank without token counts) still costs a little,
+        # so the greedy's gain per cost stays finite
+        costs = [max([batch.sample_cost(p)[u] / float(getattr(rem, u)) for u in units] + [1e-9]) for p in live]
         budget = 1.0 if units else float(len(live) * self.step)
         costs = costs if units else [1.0] * len(live)
         plan = allocate([p.estimate for p in live if p.estimate], costs, budget, lookahead=self.lookahead,
