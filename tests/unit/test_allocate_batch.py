@@ -175,3 +175,31 @@ def test_bad_policy_inputs_are_named():
         StrategyTable((BinStrategy(), BinStrategy()), (0.1, 0.2))
     with pytest.raises(ConfigError, match="algorithm"):
         StrategyTable.from_dict({"bins": [{"algo": "sc"}]})
+
+
+def test_think_routing_answers_easy_prompts_directly_and_reasons_on_the_rest():
+    from apportion.algorithms.registry import DIRECT_SYSTEM_PROMPT
+    from apportion.allocate.policies import ThinkRoute
+
+    direct_calls: list[str] = []
+
+    def reply(prompt: Prompt, params: SamplingParams, call: int, index: int) -> str:
+        question = prompt.messages[-1].content
+        if prompt.messages[0].content == DIRECT_SYSTEM_PROMPT:
+            direct_calls.append(question)
+            return "The answer is 4" if question == EASY else f"The answer is {index + 1}"
+        return "working it out step by step, so the answer is 7"
+
+    backend = ScriptedBackend(reply)
+    policy = make_policy("marginal-gain", probe=2, horizon=16, think=ThinkRoute())
+    result = asyncio.run(answer_batch(
+        _items([EASY, SPLIT]), backend, Budget(generations=10), policy, lambda name: make_algorithm(name, SAMPLING),
+        max_tokens=SAMPLING.max_tokens, system_prompt=SAMPLING.system_prompt, seed=0, max_samples=16))
+    easy, hard = result.outcomes
+    assert easy.allocation["routed"] == "direct" and easy.result.spent.generations == 2
+    assert easy.result.answer == "4"
+    assert "routed" not in hard.allocation and hard.allocation["algorithm"] == "self-consistency"
+    assert hard.result.spent.generations > 2 and hard.result.answer == "7"
+    assert sorted(set(direct_calls)) == [EASY, SPLIT]  # only the probe was direct
+    with pytest.raises(ConfigError, match="probe"):
+        make_policy("uniform", think=ThinkRoute())

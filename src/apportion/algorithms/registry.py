@@ -21,6 +21,18 @@ def _self_consistency(sampling: SamplingOptions, scorer: OutcomeScorer | None, s
     return SelfConsistency(SelfConsistencyOptions(sampling, stopping))
 
 
+# "No-think": the answer alone, no working. Cheap enough to probe every prompt with, and right on
+# the questions a model knows by heart; a batch routes the rest to reasoning (allocate.policies).
+DIRECT_SYSTEM_PROMPT = "Give only the final answer, as 'The answer is N'."
+DIRECT_MAX_TOKENS = 24
+
+
+def _direct(sampling: SamplingOptions, scorer: OutcomeScorer | None, stopping: StopRule | None) -> Algorithm:
+    direct = replace(sampling, system_prompt=DIRECT_SYSTEM_PROMPT, prompt_mode=None,
+                     max_tokens=min(sampling.max_tokens, DIRECT_MAX_TOKENS), min_tokens=min(sampling.min_tokens, 4))
+    return SelfConsistency(SelfConsistencyOptions(direct, stopping))
+
+
 def _best_of_n(sampling: SamplingOptions, scorer: OutcomeScorer | None, stopping: StopRule | None) -> Algorithm:
     return BestOfN(BestOfNOptions(sampling, stopping=stopping), scorer=scorer)
 
@@ -56,6 +68,7 @@ def _programs(options: ProgramAidedOptions, sampling: SamplingOptions, stopping:
 
 ALGORITHMS: dict[str, Factory] = {
     "self-consistency": _self_consistency,
+    "direct": _direct,
     "best-of-n": _best_of_n,
     "weighted-best-of-n": _weighted_best_of_n,
     "budget-forcing": _budget_forcing,

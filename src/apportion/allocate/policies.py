@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,20 @@ class StrategyTable:
 DEFAULT_BINS = StrategyTable(tuple(BinStrategy(None, 1.0) for _ in range(5)))
 
 
+@dataclass(frozen=True, slots=True)
+class ThinkRoute:
+    """Answer directly when easy, reason when hard: the probe draws direct answers (``algorithm``,
+    a strategy that asks for the answer alone, on ``model`` if named), and a prompt whose
+    ``agree`` or more direct answers all agree is done; the others get the batch's algorithm."""
+
+    algorithm: str = "direct"
+    model: str | None = None
+    agree: int = 2
+
+    def settled(self, evidence: Evidence) -> bool:
+        return (evidence.samples >= self.agree and evidence.unanswered == 0 and len(evidence.counts) == 1)
+
+
 @dataclass
 class StreamShare(Policy):
     """The budget manager over a stream of queries (the module docstring)."""
@@ -137,6 +151,8 @@ class Probing(Policy):
     estimator: Estimator = field(default_factory=AgreementEstimator)
     equivalence: Equivalence = field(default_factory=Equivalence)
     name: str = "probing"
+    think: ThinkRoute | None = None
+    """Think / no-think routing: probe with direct answers; a prompt they agree on is answered."""
 
     def __post_init__(self) -> None:
         if self.probe < 1 or self.horizon < self.probe:
@@ -144,7 +160,9 @@ class Probing(Policy):
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name, "probe": self.probe, "horizon": self.horizon,
-                "estimator": self.estimator.name, "table": self.table.to_dict()}
+                "estimator": self.estimator.name, "table": self.table.to_dict(),
+                "think": None if self.think is None else {"probe_algorithm": self.think.algorithm,
+                                                          "probe_model": self.think.model}}
 
     def probe_round(self, batch: Batch) -> dict[int, Grant]:
         """``probe`` samples each where the budget's expected cost allows, fewer (down to one
@@ -156,7 +174,7 @@ class Probing(Policy):
             if need > 0:
                 k = min(k, math.floor(float(getattr(rem, unit)) / need))
         if k >= 1:
-            return {p.index: batch.with_samples(p, k) for p in active}
+            return {p.index: self._probe_grant(batch, p, k) for p in active}
         batch.notes.append("the budget is below one probe sample per prompt: the first prompts got one each")
         grants, spent = {}, dict.fromkeys(batch.planned_units(), 0.0)
         for p in active:
@@ -165,8 +183,12 @@ class Probing(Policy):
                 break
             for u in spent:
                 spent[u] += cost[u]
-            grants[p.index] = batch.with_samples(p, 1)
+            grants[p.index] = self._probe_grant(batch, p, 1)
         return grants
+
+    def _probe_grant(self, batch: Batch, state: PromptState, k: int) -> Grant:
+        grant = batch.with_samples(state, k)
+        return grant if self.think is None else replace(grant, algorithm=self.think.algorithm, model=self.think.model)
 
     def estimate(self, batch: Batch) -> list[PromptState]:
         """Fresh estimates for every active prompt that has samples; bins fixed at the first call."""
@@ -177,6 +199,8 @@ class Probing(Policy):
                                                  max(0, self.horizon - drawn))
             if drawn >= self.horizon:
                 p.done = True
+            elif self.think is not None and p.rounds == 1 and self.think.settled(p.estimate.evidence):
+                p.done, p.routed = True, "direct"  # easy: the direct answers agree, no reasoning spent
         unbinned = [p for p in live if p.bin is None and p.estimate is not None]
         if unbinned and self.table.edges:
             for p, b in zip(unbinned, bins_of([p.estimate.difficulty for p in unbinned if p.estimate],
@@ -296,20 +320,22 @@ POLICIES = ("uniform", "front-load", "back-load", "equal-samples", "difficulty-b
 
 def make_policy(name: str, *, window: int = 4, probe: int = 2, horizon: int = 32, step: int = 4,
                 table: StrategyTable | None = None, equivalence: Equivalence | None = None,
-                estimator: Estimator | None = None) -> Policy:
-    """The policy called ``name`` (one of POLICIES)."""
+                estimator: Estimator | None = None, think: ThinkRoute | None = None) -> Policy:
+    """The policy called ``name`` (one of POLICIES); ``think`` routes the probing policies."""
     eq = equivalence or Equivalence()
     est = estimator or AgreementEstimator()
     if name in ("uniform", "front-load", "back-load"):
+        if think is not None:
+            raise ConfigError(f"think / no-think routing needs a probe, which {name} does not take")
         return StreamShare({"uniform": 1.0, "front-load": 2.0, "back-load": 0.5}[name], window, name)
     if name == "equal-samples":
-        return EqualSamples(probe, horizon, _one_bin(table), est, eq)
+        return EqualSamples(probe, horizon, _one_bin(table), est, eq, think=think)
     if name == "difficulty-bins":
-        return DifficultyBins(probe, horizon, table or DEFAULT_BINS, est, eq)
+        return DifficultyBins(probe, horizon, table or DEFAULT_BINS, est, eq, think=think)
     if name == "marginal-gain":
-        return MarginalGain(probe, horizon, _one_bin(table), est, eq, step=step)
+        return MarginalGain(probe, horizon, _one_bin(table), est, eq, think=think, step=step)
     if name == "compute-optimal":
-        return ComputeOptimal(probe, horizon, table or _one_bin(None), est, eq, step=step)
+        return ComputeOptimal(probe, horizon, table or _one_bin(None), est, eq, think=think, step=step)
     raise ConfigError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
 
 

@@ -23,7 +23,7 @@ from apportion.algorithms.registry import make_algorithm
 from apportion.allocate.difficulty import Estimator, quantile_edges
 from apportion.allocate.engine import answer_batch
 from apportion.allocate.learned import LearnedEstimator
-from apportion.allocate.policies import BinStrategy, StrategyTable, make_policy
+from apportion.allocate.policies import BinStrategy, StrategyTable, ThinkRoute, make_policy
 from apportion.answers.equivalence import Equivalence
 from apportion.banks import SampleBank
 from apportion.batch import Item
@@ -72,12 +72,21 @@ class ReplaySetup:
     equivalence: Equivalence = field(default_factory=Equivalence)
     estimator: Estimator | None = None
     """The difficulty estimator of the probing policies (None: the agreement estimator)."""
+    think_bank: SampleBank | None = None
+    """A bank of direct answers (no reasoning) to the same questions: the probing policies probe
+    with it and answer a prompt whose direct answers agree (think / no-think routing)."""
 
     def __post_init__(self) -> None:
         if self.orders < 1:
             raise ConfigError("orders must be >= 1")
         if self.scorer not in SCORERS:
             raise ConfigError(f"unknown replay scorer {self.scorer!r}; known: {', '.join(SCORERS)}")
+        if self.think_bank is not None:
+            have = {e.problem.question for e in self.think_bank.entries}
+            missing = sum(e.problem.question not in have for e in self.bank.entries)
+            if missing:
+                raise ConfigError(f"the direct-answer bank lacks {missing} of the bank's questions: "
+                                  "both arms must answer the same questions")
         if self.mean.seconds is not None:
             raise ConfigError("a replayed batch has no wall clock: give the mean budget in generations, tokens "
                               "or dollars")
@@ -105,13 +114,15 @@ async def replay_policy(setup: ReplaySetup, policy: str, algorithm: str, *,
 
     right, tokens, gens = [], [], []
     per_bin: dict[str, list[float]] = {}
+    think = ThinkRoute(model="direct") if setup.think_bank is not None and policy not in STREAMED else None
     for order in range(setup.orders):
         chosen = make_policy(policy, probe=setup.probe, horizon=sub.k, table=table, equivalence=setup.equivalence,
-                             estimator=setup.estimator)
+                             estimator=setup.estimator, think=think)
         result = await answer_batch(items, ReplayBackend(sub, seed=setup.seed + order), total, chosen, make,
                                     algorithm=algorithm, max_tokens=sampling.max_tokens,
                                     system_prompt=sampling.system_prompt, concurrency=8,
-                                    seed=setup.seed + order, max_samples=sub.k)
+                                    seed=setup.seed + order, max_samples=sub.k,
+                                    backends=_think_backends(setup, questions, order) if think else None)
         right.append([grades.correct(q, o.result.answer if o.result else None)
                       for q, o in enumerate(result.outcomes)])
         tokens.append(result.spent.input_tokens + result.spent.output_tokens)
@@ -168,12 +179,14 @@ async def _marginal_run(setup: ReplaySetup, algorithm: str, questions: Sequence[
         made.equivalence = setup.equivalence
         return made
 
+    think = ThinkRoute(model="direct") if setup.think_bank is not None else None
     policy = make_policy("marginal-gain", probe=setup.probe, horizon=sub.k, equivalence=setup.equivalence,
-                         estimator=setup.estimator)
+                         estimator=setup.estimator, think=think)
     result = await answer_batch(items, ReplayBackend(sub, seed=setup.seed + 7_777 + order),
                                 _scaled(setup.mean, len(items)), policy, make, algorithm=algorithm,
                                 max_tokens=sampling.max_tokens, system_prompt=sampling.system_prompt,
-                                concurrency=8, seed=setup.seed + order, max_samples=sub.k)
+                                concurrency=8, seed=setup.seed + order, max_samples=sub.k,
+                                backends=_think_backends(setup, questions, 7_777 + order) if think else None)
     return [(o.allocation or {}, float(grades.correct(q, o.result.answer if o.result else None)))
             for q, o in enumerate(result.outcomes)]
 
@@ -204,6 +217,19 @@ async def _cross_fitted(setup: ReplaySetup, policy: str, algorithm: str, questio
                       sum(w * c.tokens for w, c in zip(weights, cells)) / sum(weights),
                       sum(w * c.generations for w, c in zip(weights, cells)) / sum(weights),
                       setup.orders, setup.mean, {}, tuple(tables))
+
+
+STREAMED = ("uniform", "front-load", "back-load")
+
+
+def _think_backends(setup: ReplaySetup, questions: Sequence[int] | None, order: int) -> dict[str, ReplayBackend]:
+    """The direct-answer arm, on the same questions as the batch."""
+    assert setup.think_bank is not None
+    bank = setup.think_bank
+    wanted = {setup.bank.entries[q].problem.question for q in (questions if questions is not None
+                                                               else range(len(setup.bank.entries)))}
+    sub = SampleBank([e for e in bank.entries if e.problem.question in wanted], bank.meta)
+    return {"direct": ReplayBackend(sub, seed=setup.seed + 31 + order, model="direct")}
 
 
 def _scaled(mean: Budget, questions: int) -> Budget:
@@ -263,5 +289,6 @@ async def compare_policies(setup: ReplaySetup, policies: Sequence[str], algorith
     return {"bank": setup.bank.meta, "questions": len(setup.bank.entries), "samples_per_question": setup.bank.k,
             "budget_per_question": setup.mean.to_dict(), "orders": setup.orders, "probe": setup.probe,
             "estimator": setup.estimator.to_dict() if isinstance(setup.estimator, LearnedEstimator) else "agreement",
+            "think_bank": None if setup.think_bank is None else setup.think_bank.meta,
             "scorer": setup.scorer, "best_fixed": {"policy": best_fixed.policy, "algorithm": best_fixed.algorithm},
             "rows": rows}

@@ -110,6 +110,9 @@ def bench(
                                             "estimated.")] = 2,
     estimator: Annotated[Path | None, typer.Option(
         help="With --policy: a learned difficulty estimator (`apportion bench train-estimator`).")] = None,
+    think_bank: Annotated[Path | None, typer.Option(
+        help="With --policy: a bank of direct answers (no reasoning) to the same questions; the probing "
+             "policies probe with it and answer a question whose direct answers agree.")] = None,
 ) -> None:
     """Run algorithms x budgets over a dataset; write a run directory and print the table."""
     console = Console(stderr=True, soft_wrap=True)
@@ -175,7 +178,7 @@ def bench(
             run_policies(given_bank, policies, _split(algorithms, "algorithms"), mean_budget, orders, seed,
                          "bank" if scorer == "bank" else "self-certainty", sampling, probe,
                          out or Path("runs") / f"{name}-policies-{datetime.now():%Y%m%d-%H%M%S}", Console(),
-                         estimator)
+                         estimator, think_bank)
             return
         if mean_budget is not None:
             raise ConfigError("--mean-budget goes with --policy")

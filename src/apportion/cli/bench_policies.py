@@ -13,7 +13,7 @@ from rich.table import Table
 from apportion.algorithms.base import SamplingOptions
 from apportion.allocate.learned import LearnedEstimator
 from apportion.allocate.policies import POLICIES
-from apportion.banks import SampleBank
+from apportion.banks import SampleBank, open_bank
 from apportion.bench.allocation import ReplaySetup, compare_policies
 from apportion.budget.units import Budget
 from apportion.errors import ConfigError
@@ -21,7 +21,7 @@ from apportion.errors import ConfigError
 
 def run_policies(bank: SampleBank, policies: list[str], algorithms: list[str], mean_budget: str | None,
                  orders: int, seed: int, scorer: str, sampling: SamplingOptions, probe: int, out: Path,
-                 console: Console, estimator: Path | None = None) -> dict[str, Any]:
+                 console: Console, estimator: Path | None = None, think_bank: Path | None = None) -> dict[str, Any]:
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ConfigError(f"unknown policy {unknown[0]!r}; known: {', '.join(POLICIES)}")
@@ -30,7 +30,8 @@ def run_policies(bank: SampleBank, policies: list[str], algorithms: list[str], m
         console.print(f"[yellow]note:[/yellow] a mean of {mean.generations} samples per question leaves a policy "
                       f"little room: the bank has {bank.k} (compare at no more than half)")
     setup = ReplaySetup(bank, mean, orders=orders, seed=seed, scorer=scorer, sampling=sampling, probe=probe,
-                        estimator=LearnedEstimator.load(estimator) if estimator is not None else None)
+                        estimator=LearnedEstimator.load(estimator) if estimator is not None else None,
+                        think_bank=open_bank(think_bank) if think_bank is not None else None)
     summary = asyncio.run(compare_policies(setup, policies, algorithms))
     out.mkdir(parents=True, exist_ok=True)
     (out / "policies.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
@@ -64,7 +65,6 @@ def _diff(d: list[float]) -> str:
 def train_estimator(banks: list[Path], out: Path, orders: int, seed: int) -> LearnedEstimator:
     """Fit the learned estimator on banks with gold answers and save it."""
     from apportion.allocate.learned import train
-    from apportion.banks import open_bank
 
     if not banks:
         raise ConfigError("give at least one --bank to train on")
