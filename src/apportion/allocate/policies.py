@@ -217,39 +217,6 @@ class Probing(Policy):
 
 
 @dataclass
-class EqualSamples(Probing):
-    """Every prompt the same number of samples (give or take one), from one pooled budget: a
-    probe to learn what a sample costs, then as many each as the expected costs allow, then one
-    more each, in file order, while they fit. The fair baseline for allocation: the budget is
-    pooled as the allocating policies pool it, and only the split differs."""
-
-    name: str = "equal-samples"
-
-    def plan(self, batch: Batch) -> dict[int, Grant]:
-        if batch.round == 0:
-            return self.probe_round(batch)
-        live = [p for p in batch.active if p.ledger is not None and p.spent.generations < self.horizon]
-        rem, units = batch.remaining(), batch.planned_units()
-        if not live or not units:
-            return {}
-        costs = [batch.sample_cost(p) for p in live]
-        x = min(math.floor(float(getattr(rem, u)) / max(1e-12, sum(c[u] for c in costs))) for u in units)
-        if x >= 1:
-            return {p.index: batch.with_samples(p, x) for p in live}
-        grants, spent = {}, dict.fromkeys(units, 0.0)
-        least = min(p.spent.generations for p in live)
-        for p, c in zip(live, costs):
-            if p.spent.generations > least:
-                continue  # one more each, the ones behind first
-            if any(spent[u] + c[u] > float(getattr(rem, u)) for u in units):
-                break
-            for u in units:
-                spent[u] += c[u]
-            grants[p.index] = batch.with_samples(p, 1)
-        return grants
-
-
-@dataclass
 class MarginalGain(Probing):
     """Greedy by expected gain per unit of cost, re-planned every round; at most ``step`` more
     samples per prompt per round, so new evidence can redirect the rest."""
@@ -287,31 +254,44 @@ class ComputeOptimal(MarginalGain):
 
 @dataclass
 class DifficultyBins(Probing):
-    """A probe, then each bin's weight times an even share of the rest, in one round."""
+    """A probe, then each prompt ``weight`` of its bin times an even share of the rest: as many
+    as the expected costs allow, re-planned each round; when no whole share is left, one more
+    each, the prompts furthest below their share first, while they fit."""
 
     name: str = "difficulty-bins"
-    _planned: bool = False
 
     def plan(self, batch: Batch) -> dict[int, Grant]:
         if batch.round == 0:
             return self.probe_round(batch)
-        if self._planned:
-            return {}
-        self._planned = True
         live = self.estimate(batch)
         rem, units = batch.remaining(), batch.planned_units()
-        weights = [self.table.bins[p.bin or 0].weight for p in live]
-        if not live or not units or not any(weights):
+        weights = {p.index: self.table.bins[p.bin or 0].weight for p in live}
+        live = [p for p in live if weights[p.index] > 0 and p.spent.generations < self.horizon]
+        if not live or not units:
             return {}
-        # k_i = w_i * x samples, with x the largest that the expected costs allow in every unit
-        x = min(float(getattr(rem, u)) / max(1e-12, sum(w * batch.sample_cost(p)[u] for w, p in zip(weights, live)))
+        costs = {p.index: batch.sample_cost(p) for p in live}
+        x = min(float(getattr(rem, u)) / max(1e-12, sum(weights[p.index] * costs[p.index][u] for p in live))
                 for u in units)
-        grants = {}
-        for w, p in zip(weights, live):
-            k = min(math.floor(w * x), self.horizon - p.spent.generations)
-            if k > 0:
-                grants[p.index] = batch.with_samples(p, k, self.strategy(p))
+        grants = {p.index: batch.with_samples(p, math.floor(weights[p.index] * x), self.strategy(p))
+                  for p in live if math.floor(weights[p.index] * x) >= 1}
+        if grants:
+            return grants
+        spent = dict.fromkeys(units, 0.0)
+        for p in sorted(live, key=lambda p: (p.spent.generations / weights[p.index], p.index)):
+            if any(spent[u] + costs[p.index][u] > float(getattr(rem, u)) for u in units):
+                break
+            for u in units:
+                spent[u] += costs[p.index][u]
+            grants[p.index] = batch.with_samples(p, 1, self.strategy(p))
         return grants
+
+
+@dataclass
+class EqualSamples(DifficultyBins):
+    """Every prompt the same number of samples (give or take one) from one pooled budget: the
+    fair baseline for allocation, pooled as the allocating policies pool it, split evenly."""
+
+    name: str = "equal-samples"
 
 
 POLICIES = ("uniform", "front-load", "back-load", "equal-samples", "difficulty-bins", "marginal-gain",
