@@ -2,6 +2,9 @@
 
     from apportion import Budget, LlamaEmbeddedBackend, SelfConsistency
     result = SelfConsistency().run_sync(LlamaEmbeddedBackend(), "What is 17 + 25?", Budget(generations=8))
+
+Many prompts under one total budget: ``answer_batch(items, backend, Budget(total_tokens=...),
+make_policy("compute-optimal"), lambda name: make_algorithm(name))`` (``allocate/``).
 """
 
 __version__ = "0.1.0"
@@ -21,6 +24,8 @@ from apportion.algorithms import (
     Tale,
     make_algorithm,
 )
+from apportion.allocate.engine import BatchResult, answer_batch
+from apportion.allocate.policies import POLICIES, StrategyTable, ThinkRoute, make_policy
 from apportion.answers import Equivalence, extract_answer, normalize_answer
 from apportion.budget import Budget, Ledger, Price, PriceTable, Spend, Usage
 from apportion.errors import (
@@ -47,13 +52,14 @@ from apportion.result import Candidate, Result
 from apportion.reward import JudgeOptions, LLMJudge, SelfCertainty
 
 __all__ = [
-    "Algorithm", "ApportionError", "Backend", "BackendError", "BackendUnavailable", "BestOfN",
+    "POLICIES", "Algorithm", "ApportionError", "Backend", "BackendError", "BackendUnavailable", "BatchResult",
+    "BestOfN",
     "BestOfNOptions", "Budget", "BudgetError", "BudgetExhausted", "BudgetForcing", "BudgetForcingOptions",
     "Candidate", "ChainOfDraft", "ConfigError",
     "EmbeddedOptions", "Equivalence", "HTTPOptions", "JudgeOptions", "LLMJudge", "Ledger",
     "LlamaEmbeddedBackend", "MeteredLM", "ModelNotFound", "OpenAIHTTPBackend", "Price", "PriceTable",
     "ProgramAided", "ProgramAidedOptions",
     "Prompt", "Result", "SamplingOptions", "SamplingParams", "ScriptedBackend", "SelfCertainty",
-    "SelfConsistency", "SelfConsistencyOptions", "Spend", "Tale", "Usage", "extract_answer", "make_algorithm",
-    "normalize_answer",
+    "SelfConsistency", "SelfConsistencyOptions", "Spend", "StrategyTable", "Tale", "ThinkRoute", "Usage",
+    "answer_batch", "extract_answer", "make_algorithm", "make_policy", "normalize_answer",
 ]
