@@ -133,6 +133,26 @@ def parse_prompt_mode(text: str) -> PromptMode | None:
     raise ConfigError(f"unknown prompt mode {text!r}; known: {', '.join(PROMPT_MODES)}")
 
 
+def spell_prompt_mode(mode: PromptMode | None) -> str:
+    """``mode`` as ``--prompt-mode`` spells it (what ``parse_prompt_mode`` reads back); settings
+    left at their defaults are left out, so a bank's record reads "cod", not every default."""
+    if mode is None:
+        return "plain"
+    defaults = type(mode)()
+    changed = [f"{name}={getattr(mode, name)}" for name in type(mode).__dataclass_fields__
+               if name != "mode" and getattr(mode, name) != getattr(defaults, name)]
+    return mode.mode + (":" + ",".join(changed) if changed else "")
+
+
+def replayable_prompt_mode(mode: PromptMode | None) -> str | None:
+    """Why samples drawn under ``mode`` cannot stand in for live runs (None: they can). A replay
+    asks the question again; TALE's budget asked of the model is a call no bank recorded."""
+    if isinstance(mode, Tale) and mode.budget is None and mode.estimator == "model":
+        return ("TALE's budget estimated by the model is a planning call a bank does not record; "
+                "draw with the features estimator or a fixed budget, or run the cells --live")
+    return None
+
+
 async def apply_prompt_mode(mode: PromptMode, lm: MeteredLM, prompt: Prompt, question: str,
                             seed: int | None) -> tuple[Prompt, list[str]]:
     """``prompt`` reworded for ``mode``, and notes saying what was done (TALE's budget and where it

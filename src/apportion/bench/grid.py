@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from apportion.algorithms.base import SamplingOptions
+from apportion.algorithms.prompting import apply_prompt_mode, replayable_prompt_mode
 from apportion.algorithms.registry import make_algorithm
 from apportion.algorithms.stopping import StopRule
 from apportion.answers.equivalence import Equivalence
@@ -66,6 +67,9 @@ class GridOptions:
             raise ConfigError(f"orders must be >= 1, got {self.orders}")
         if self.concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
+        why = replayable_prompt_mode(self.sampling.prompt_mode)
+        if why is not None and any(self.replayed(a) for a in self.algorithms):
+            raise ConfigError(f"these cells would replay a bank, and {why}")
 
     def replayed(self, algorithm: str) -> bool:
         name = canonical(algorithm)
@@ -169,8 +173,18 @@ def _levels(levels: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 
 def bank_prompt(problem: Problem, sampling: SamplingOptions) -> Prompt:
-    """The prompt a live run sends for this question (so bank samples are what live runs see)."""
+    """The prompt a live run is given for this question (its algorithm rewords it for a prompt mode)."""
     return Prompt.chat(problem.question, system=sampling.system_prompt)
+
+
+async def sent_prompt(problem: Problem, sampling: SamplingOptions, lm: MeteredLM, seed: int | None) -> Prompt:
+    """The prompt a live run sends for this question: ``bank_prompt`` reworded for the prompt mode
+    as the algorithm rewords it, so a bank's samples answer what live runs ask."""
+    prompt = bank_prompt(problem, sampling)
+    if sampling.prompt_mode is None:
+        return prompt
+    worded, _ = await apply_prompt_mode(sampling.prompt_mode, lm, prompt, problem.question, seed)
+    return worded
 
 
 BANK_TOP_LOGPROBS = 20
@@ -184,7 +198,9 @@ async def draw_bank(backend: Backend, problems: Sequence[Problem], k: int, sampl
     """K samples per question, one request with ``n=k`` each, concurrently up to ``concurrency``.
     ``seeds`` gives each question's seed (default: its position). Each entry records the request's
     wall time (``seconds``), so replay can estimate the time a smaller budget would have taken.
-    ``on_entry`` sees entries as they finish (to save them)."""
+    ``on_entry`` sees entries as they finish (to save them). The request sends what a live run
+    sends (``sent_prompt``, reworded for a prompt mode) and the entry records it, while its problem
+    keeps the dataset's question: replay asks that question plainly and is served these samples."""
     limit = asyncio.Semaphore(concurrency)
     caps = backend.capabilities
     seeds = list(seeds) if seeds is not None else list(range(len(problems)))
@@ -192,13 +208,13 @@ async def draw_bank(backend: Backend, problems: Sequence[Problem], k: int, sampl
         raise ConfigError(f"{len(seeds)} seeds for {len(problems)} problems")
 
     async def one(index: int, problem: Problem) -> BankEntry:
-        prompt = bank_prompt(problem, sampling)
         params = SamplingParams(n=k, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                 top_p=sampling.top_p, stop=sampling.stop, seed=seeds[index],
                                 logprobs=sampling.logprobs and caps.logprobs,
                                 top_logprobs=max(sampling.top_logprobs, BANK_TOP_LOGPROBS) if caps.logprobs else 0)
         # through a ledger like every run, so a server's short replies are made up request by request
         metered = MeteredLM(backend, Ledger(Budget(generations=k)))
+        prompt = await sent_prompt(problem, sampling, metered, seeds[index])
         async with limit:
             started = time.monotonic()
             completion = await metered.generate(prompt, params)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from apportion import __version__
+from apportion.algorithms.prompting import spell_prompt_mode
 from apportion.answers.equivalence import Equivalence
 from apportion.banks import ESTIMATED_KEY, BankWriter, Problem, SampleBank
 from apportion.bench.grid import (
@@ -229,7 +230,7 @@ async def _draw(spec: BenchSpec, backend: Backend, progress: Progress | None) ->
     total, done = len(spec.problems), len(spec.problems) - len(todo)
     meta = {"dataset": spec.dataset, "model": backend.model, "backend": backend.name, "k": options.bank_size,
             "seed": options.seed, "sampling": asdict(options.sampling), "concurrency": options.concurrency,
-            "created": _now()}
+            "prompt_mode": spell_prompt_mode(options.sampling.prompt_mode), "created": _now()}
     if progress is not None:
         progress("sampling", done, total)
 

@@ -10,10 +10,12 @@ are the mean and spread of that accuracy over orders.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from apportion.algorithms.base import Algorithm, SamplingOptions
+from apportion.algorithms.prompting import parse_prompt_mode, spell_prompt_mode
 from apportion.algorithms.registry import make_algorithm
 from apportion.algorithms.stopping import StopRule
 from apportion.answers.equivalence import Equivalence
@@ -68,8 +70,10 @@ async def replay(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, or
         raise ConfigError("orders must be >= 1")
     eq = equivalence or Equivalence()
     sampling = sampling or SamplingOptions()
-    # log-probabilities asked for only where the bank has them, and never against the caller's wish
-    sampling = replace(sampling, logprobs=sampling.logprobs and bank.has_logprobs)
+    # log-probabilities asked for only where the bank has them, and never against the caller's wish;
+    # no prompt mode: the samples already answered the reworded prompt, and the bank is matched on
+    # the plain question
+    sampling = replace(sampling, logprobs=sampling.logprobs and bank.has_logprobs, prompt_mode=None)
     score = SCORERS[scorer](bank)
     grades = _Grades(bank, eq)
 
@@ -99,6 +103,26 @@ async def replay(bank: SampleBank, algorithm: str, budgets: Sequence[int], *, or
         points.append(_point(algorithm, scorer if algorithm != "self-consistency" else None, b, right, tokens,
                              first, bank, statistics.fmean(drawn)))
     return points
+
+
+def bank_prompt_mode(meta: Mapping[str, Any]) -> str:
+    """The prompt mode a bank was drawn with, as ``--prompt-mode`` spells it ("plain" for banks
+    drawn before modes were recorded, which were all plain)."""
+    recorded = meta.get("prompt_mode", "plain")
+    if not isinstance(recorded, str):
+        raise ConfigError(f"the bank's prompt_mode {recorded!r} is not a prompt mode")
+    return spell_prompt_mode(parse_prompt_mode(recorded))
+
+
+def bank_sampling(meta: Mapping[str, Any], default: SamplingOptions) -> SamplingOptions:
+    """The sampling options a bank was drawn with (``default`` where it recorded none), for
+    replaying it: without a prompt mode, since its samples already answered the reworded prompt."""
+    recorded = meta.get("sampling")
+    if not isinstance(recorded, dict):
+        return replace(default, prompt_mode=None)
+    fields: dict[str, Any] = {k: tuple(v) if k == "stop" else v for k, v in recorded.items()
+                              if k in SamplingOptions.__slots__ and k != "prompt_mode"}
+    return SamplingOptions(**fields)
 
 
 class _Grades:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,13 +14,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from apportion.algorithms.base import SamplingOptions
+from apportion.algorithms.prompting import PROMPT_MODES, parse_prompt_mode
 from apportion.algorithms.stopping import parse_stop
 from apportion.banks import open_bank
 from apportion.bench.datasets import DATASETS, load_dataset
 from apportion.bench.grid import GridOptions, Row, canonical
 from apportion.bench.harness import BenchOutcome, BenchSpec, check_run_dir, run_bench
 from apportion.bench.peers import peer as peer_module
+from apportion.bench.replay import bank_sampling
 from apportion.bench.token_counts import fill_token_counts
 from apportion.budget.units import Price
 from apportion.cli._app import (
@@ -96,6 +98,9 @@ def bench(
     temperature: TemperatureOpt = 0.8,
     top_p: TopPOpt = 0.95,
     system_prompt: SystemPromptOpt = None,
+    prompt_mode: Annotated[str, typer.Option(
+        "--prompt-mode", help=f"How the question is worded when sampling ({', '.join(PROMPT_MODES)}; "
+                              "e.g. 'cod:words=5'): the bank records it and the prompt sent.")] = "plain",
     timeout: TimeoutOpt = None,
     stop: Annotated[list[str] | None, typer.Option(
         "--stop", help="Also replay a stopping rule at the bank's full size, beside each replayed algorithm: "
@@ -135,18 +140,19 @@ def bench(
             # --model-path stays: its tokenizer counts the tokens of a bank that stored none
             unused = [name for name in ("base_url", "model", "price_file", "resume", "live", "timeout",
                                         "question_field", "answer_field", "level_field", "data_dir",
-                                        "max_tokens", "temperature", "top_p", "system_prompt")
+                                        "max_tokens", "temperature", "top_p", "system_prompt", "prompt_mode")
                       if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
             if unused:
                 raise ConfigError("--bank replays recorded samples; these options would be unused: "
                                   + ", ".join("--" + u.replace("_", "-") for u in unused))
         given_bank = open_bank(bank) if bank is not None else None
-        sampling = sampling_options(max_tokens, temperature, top_p, system_prompt)
+        sampling = replace(sampling_options(max_tokens, temperature, top_p, system_prompt),
+                           prompt_mode=parse_prompt_mode(prompt_mode))
         scorer_given = getattr(ctx.get_parameter_source("scorer"), "name", None) == "COMMANDLINE"
         if given_bank is not None:
             # a bank was drawn with its own settings: peers get the same prompt, and a bank with
             # its own scores (a reward model's) is scored by them unless told otherwise
-            sampling = _bank_sampling(given_bank.meta, sampling)
+            sampling = bank_sampling(given_bank.meta, sampling)
             if not scorer_given and given_bank.has_scores:
                 scorer = "bank"
         options = GridOptions(
@@ -276,15 +282,6 @@ def check_report_path(out: Path) -> None:
         raise ConfigError(f"--out {out} is a directory; give a file name for the JSON report")
     if out.parent.exists() and not out.parent.is_dir():
         raise ConfigError(f"--out {out}: {out.parent} is not a directory")
-
-
-def _bank_sampling(meta: dict[str, Any], default: SamplingOptions) -> SamplingOptions:
-    recorded = meta.get("sampling")
-    if not isinstance(recorded, dict):
-        return default
-    fields: dict[str, Any] = {k: tuple(v) if k == "stop" else v for k, v in recorded.items()
-                              if k in SamplingOptions.__slots__}
-    return SamplingOptions(**fields)
 
 
 def _split(text: str, what: str) -> list[str]:
