@@ -203,3 +203,18 @@ def test_think_routing_answers_easy_prompts_directly_and_reasons_on_the_rest():
     assert sorted(set(direct_calls)) == [EASY, SPLIT]  # only the probe was direct
     with pytest.raises(ConfigError, match="probe"):
         make_policy("uniform", think=ThinkRoute())
+
+
+def test_a_deadline_ends_the_batch_with_what_was_drawn():
+    import time
+
+    backend = ScriptedBackend(_question_replies({f"q{i}": ["1", "2", "1"] for i in range(4)}), latency_s=0.05)
+    policy = make_policy("marginal-gain", probe=2, horizon=64)
+    started = time.monotonic()
+    result = asyncio.run(answer_batch(
+        _items([f"q{i}" for i in range(4)]), backend, Budget(seconds=0.6), policy,
+        lambda name: make_algorithm(name, SAMPLING), max_tokens=SAMPLING.max_tokens,
+        system_prompt=SAMPLING.system_prompt, seed=0, max_samples=64))
+    assert time.monotonic() - started < 1.5
+    assert all(o.result is not None and o.result.answer == "1" for o in result.outcomes)
+    assert result.spent.seconds <= 0.6 + 0.3  # the last call may overrun the deadline by its own latency
