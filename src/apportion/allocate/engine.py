@@ -10,7 +10,8 @@ Decisions are taken only at round barriers, from the state all prompts reached, 
 order cannot change them. Within a round, prompts run concurrently only when the worst case of
 all their calls fits what the parent has left; otherwise they run one after another in prompt
 order, each taking what the ledger still allows. Either way a round's outcome does not depend on
-scheduling (the backend's own answers aside).
+scheduling (the backend's own answers aside). Where a prompt's round runs is an executor's choice
+(``allocate.executors``): here by default, or on remote workers with the same accounting.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from apportion.algorithms.base import Algorithm
 from apportion.allocate.difficulty import Estimate
+from apportion.allocate.executors import Executor, LocalExecutor, Work, round_caps
 from apportion.batch import Item, Outcome
 from apportion.budget.ledger import Ledger, Remaining
 from apportion.budget.units import Budget, Price, Spend
@@ -224,13 +226,15 @@ async def answer_batch(
     max_samples: int | None = None,
     max_rounds: int = 1000,
     backends: Mapping[str, Backend] | None = None,
+    executor: Executor | None = None,
 ) -> BatchResult:
     """Answer ``items`` under one ``total`` budget as ``policy`` plans; outcomes in file order.
 
     ``make_algorithm(name)`` builds the algorithm a grant names (``algorithm`` where it names
     none); ``max_tokens`` and ``system_prompt`` must be those the algorithms sample with (the
     engine sizes worst cases with them). ``backends`` are the named models a grant may run on
-    (``Grant.model``); a grant naming none runs on ``backend``.
+    (``Grant.model``); a grant naming none runs on ``backend``. ``executor`` runs each prompt's
+    rounds (default: here, ``LocalExecutor``; ``allocate.executors`` for remote workers).
     """
     if concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
@@ -244,8 +248,9 @@ async def answer_batch(
                     Prompt.chat(state.item.prompt, system=system_prompt))
     batch = Batch(states, parent, backend.price, max_tokens, algorithm, max_samples, backends=dict(backends or {}))
     limit = asyncio.Semaphore(concurrency)
+    runner = executor or LocalExecutor()
 
-    async def advance(state: PromptState, grant: Grant, round_no: int) -> None:
+    async def advance(state: PromptState, grant: Grant, round_no: int, cap: Remaining | None = None) -> None:
         assert state.item.prompt is not None
         if state.ledger is None:
             state.ledger = parent.child(grant.budget)
@@ -257,8 +262,8 @@ async def answer_batch(
         run_seed = None if seed is None else seed + state.item.line + ROUND_SEED_STRIDE * round_no
         try:
             async with limit:
-                state.result = await make_algorithm(state.algorithm).run(
-                    lm, state.item.prompt, state.ledger, seed=run_seed, prior=state.candidates)
+                state.result = await runner.run(Work(make_algorithm(state.algorithm), lm, state.item.prompt,
+                                                     state.ledger, run_seed, state.candidates, cap))
         except RunFailed as exc:  # nothing drawn this round; the attempts' spend is in the ledger
             state.result = exc.result if exc.result.candidates or state.result is None else state.result
             state.error, state.done = f"line {state.item.line}: {exc}", True
@@ -280,7 +285,8 @@ async def answer_batch(
             break
         order = sorted(grants)
         if _fits_together([grants[i] for i in order], parent.remaining()):
-            await asyncio.gather(*(advance(states[i], grants[i], round_no) for i in order))
+            caps = round_caps(parent.remaining(), [grants[i].worst for i in order])
+            await asyncio.gather(*(advance(states[i], grants[i], round_no, cap) for i, cap in zip(order, caps)))
         else:
             for i in order:
                 await advance(states[i], grants[i], round_no)

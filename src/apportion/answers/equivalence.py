@@ -45,6 +45,15 @@ class Equivalence:
         self._keys: dict[str, str] = {}
         self._lock = threading.Lock()
 
+    # A copy sent to another process (a batch's remote worker) needs a lock of its own; the caches
+    # go with it, as their verdicts hold anywhere.
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in vars(self).items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        vars(self).update(state)
+        self._lock = threading.Lock()
+
     def key(self, answer: str) -> str:
         """A canonical form: equal keys are always equivalent (the converse needs ``same``)."""
         key = self._keys.get(answer)

@@ -13,7 +13,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -143,6 +143,17 @@ class _Tally:
         self.output_tokens += sign * usage.output_tokens
         self.usd += sign * usd
 
+    def add_spend(self, spend: Spend) -> None:
+        """What calls made elsewhere spent, kinds kept apart as they were there."""
+        self.generations += spend.generations
+        self.scorer_generations += spend.scorer_generations
+        self.continuations += spend.continuations
+        self.planning_generations += spend.planning_generations
+        self.input_tokens += spend.input_tokens
+        self.output_tokens += spend.output_tokens
+        self.usd += spend.usd
+        self.tool_calls += spend.tool_calls
+
 
 @dataclass(frozen=True, slots=True)
 class Remaining:
@@ -155,6 +166,29 @@ class Remaining:
     usd: Fraction | None
     seconds: float | None
     tool_calls: int | None = None
+
+
+HELD_UNITS = ("generations", "input_tokens", "output_tokens", "total_tokens", "usd", "tool_calls")
+
+
+@dataclass(slots=True)
+class _Held:
+    """Amounts set aside outside any one call, unit by unit: holds for work done elsewhere, and
+    what a stand-in ledger's original had already used (``Ledger.standing_in``). Unlike a call's
+    reservation, a hold may limit total tokens apart from input and output."""
+
+    generations: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    usd: Fraction = Fraction(0)
+    tool_calls: int = 0
+
+    def add(self, amounts: Remaining, sign: int = 1) -> None:
+        for unit in HELD_UNITS:
+            value = getattr(amounts, unit)
+            if value is not None:
+                setattr(self, unit, getattr(self, unit) + sign * value)
 
 
 class Ledger:
@@ -176,6 +210,8 @@ class Ledger:
         self._reserved = _Tally()
         self._overrun = Overrun()
         self._open: dict[int, Grant] = {}
+        self._held = _Held()
+        self._holds: dict[int, Remaining] = {}
         self._calls = 0
         self._estimated = False
         self._last_settle = self._start
@@ -209,21 +245,22 @@ class Ledger:
             return self._remaining_locked()
 
     def _remaining_locked(self) -> Remaining:
-        b, s, r = self.budget, self._spent, self._reserved
+        b, s, r, h = self.budget, self._spent, self._reserved, self._held
 
         def left(limit: int | None, used: int) -> int | None:
             return None if limit is None else limit - used
 
         return Remaining(
-            generations=left(b.generations, s.generations + r.generations),
-            input_tokens=left(b.input_tokens, s.input_tokens + r.input_tokens),
-            output_tokens=left(b.output_tokens, s.output_tokens + r.output_tokens),
+            generations=left(b.generations, s.generations + r.generations + h.generations),
+            input_tokens=left(b.input_tokens, s.input_tokens + r.input_tokens + h.input_tokens),
+            output_tokens=left(b.output_tokens, s.output_tokens + r.output_tokens + h.output_tokens),
             total_tokens=left(
-                b.total_tokens, s.input_tokens + s.output_tokens + r.input_tokens + r.output_tokens
+                b.total_tokens,
+                s.input_tokens + s.output_tokens + r.input_tokens + r.output_tokens + h.total_tokens,
             ),
-            usd=None if self._usd_limit is None else self._usd_limit - s.usd - r.usd,
+            usd=None if self._usd_limit is None else self._usd_limit - s.usd - r.usd - h.usd,
             seconds=self.seconds_left(),
-            tool_calls=left(b.tool_calls, s.tool_calls + r.tool_calls),
+            tool_calls=left(b.tool_calls, s.tool_calls + r.tool_calls + h.tool_calls),
         )
 
     def spend(self) -> Spend:
@@ -311,6 +348,73 @@ class Ledger:
         if self.parent is not None:
             self.parent.release(grant)
 
+    # -- holds: work done elsewhere (a batch's remote workers) ------------------------------------
+
+    def hold(self, amounts: Remaining) -> int | None:
+        """Set aside ``amounts`` (None: nothing in that unit; seconds are not held) here and in
+        every ledger above, for work that runs elsewhere on a ledger of its own no larger and
+        reports what it spent (``settle_hold``). None, holding nothing, unless all of it fits
+        (nothing always fits, even where a server's overrun left less than nothing)."""
+        with self._lock:
+            rem = self._remaining_locked()
+            for unit in HELD_UNITS:
+                want, left = getattr(amounts, unit), getattr(rem, unit)
+                if want is not None and (want < 0 or (want > 0 and left is not None and want > left)):
+                    return None
+            if self.parent is not None:
+                held = self.parent.hold(amounts)
+                if held is None:
+                    return None
+            else:
+                held = next(_grant_ids)
+            self._held.add(amounts)
+            self._holds[held] = amounts
+            return held
+
+    def settle_hold(self, held: int, spend: Spend, records: Sequence[CallRecord] = ()) -> None:
+        """Replace a hold by what the work done under it spent (its ledger's ``spend()``, kinds,
+        calls, estimates and the server's overrun included) and add its calls to the trace.
+        Tokens past the hold are charged as the calls' own settling charged them; more
+        generations or tool calls than held is the caller's bug, refused."""
+        with self._lock:
+            amounts = self._holds.get(held)
+            if amounts is None:
+                raise BudgetError(f"hold {held} settled twice or never made here")
+            for unit in ("generations", "tool_calls"):
+                cap = getattr(amounts, unit)
+                if cap is not None and getattr(spend, unit) > cap:
+                    raise BudgetError(f"hold {held} allowed {cap} {unit}, settled with {getattr(spend, unit)}")
+            del self._holds[held]
+            self._held.add(amounts, sign=-1)
+            self._spent.add_spend(spend)
+            self._overrun = self._overrun + spend.overrun
+            self._calls += spend.calls
+            self._estimated = self._estimated or spend.estimated
+            self.trace.extend(records)
+        if self.parent is not None:
+            self.parent.settle_hold(held, spend, records)
+
+    def release_hold(self, held: int) -> None:
+        """Give back a hold under which nothing was spent."""
+        self.settle_hold(held, Spend())
+
+    @classmethod
+    def standing_in(cls, budget: Budget, left: Remaining, *, parent: Ledger | None = None) -> Ledger:
+        """A ledger with ``budget``'s limits of which only ``left`` remains (None: all of it), so
+        that a run elsewhere is clamped, refused and told why exactly as on the ledger it stands
+        in for. ``budget.seconds`` counts from now. A unit ``left`` gives must be one ``budget``
+        limits, with no more left than the limit."""
+        ledger = cls(budget, parent=parent)
+        full = ledger.remaining()
+        taken: dict[str, Any] = {}
+        for unit in HELD_UNITS:
+            have, limit = getattr(left, unit), getattr(full, unit)
+            if have is not None and (limit is None or have > limit):
+                raise BudgetError(f"{unit}: {have} left is more than the limit {limit}")
+            taken[unit] = None if have is None or limit is None else limit - have
+        ledger._held.add(Remaining(**taken, seconds=None))
+        return ledger
+
     def child(self, budget: Budget) -> Ledger:
         """A sub-ledger: its calls must fit both its own budget and this one's."""
         return Ledger(budget, parent=self, clock=self._clock)
@@ -320,15 +424,16 @@ class Ledger:
         setting its share for the next round). A limit below what is already spent or reserved
         in its unit is refused: spend cannot be undone. The deadline keeps its start."""
         with self._lock:
+            h = self._held
             used = Remaining(
-                generations=self._spent.generations + self._reserved.generations,
-                input_tokens=self._spent.input_tokens + self._reserved.input_tokens,
-                output_tokens=self._spent.output_tokens + self._reserved.output_tokens,
+                generations=self._spent.generations + self._reserved.generations + h.generations,
+                input_tokens=self._spent.input_tokens + self._reserved.input_tokens + h.input_tokens,
+                output_tokens=self._spent.output_tokens + self._reserved.output_tokens + h.output_tokens,
                 total_tokens=(self._spent.input_tokens + self._spent.output_tokens
-                              + self._reserved.input_tokens + self._reserved.output_tokens),
-                usd=self._spent.usd + self._reserved.usd,
+                              + self._reserved.input_tokens + self._reserved.output_tokens + h.total_tokens),
+                usd=self._spent.usd + self._reserved.usd + h.usd,
                 seconds=None,
-                tool_calls=self._spent.tool_calls + self._reserved.tool_calls,
+                tool_calls=self._spent.tool_calls + self._reserved.tool_calls + h.tool_calls,
             )
             for unit in ("generations", "input_tokens", "output_tokens", "total_tokens", "usd", "tool_calls"):
                 limit = getattr(budget, unit)

@@ -22,6 +22,7 @@ from apportion.algorithms.registry import ALGORITHMS, make_algorithm
 from apportion.allocate.engine import BatchResult, answer_batch
 from apportion.allocate.learned import LearnedEstimator
 from apportion.allocate.policies import POLICIES, StrategyTable, make_policy
+from apportion.allocate.ray_executor import RayExecutor, import_ray
 from apportion.batch import Item, read_items
 from apportion.budget.units import Budget
 from apportion.cli._app import (
@@ -51,6 +52,7 @@ from apportion.files import ReplacingWriter, check_output
 from apportion.lm.base import Backend
 from apportion.reward.base import OutcomeScorer
 
+EXECUTORS = ("local", "ray")
 PolicyOpt = Annotated[str, typer.Option("--policy", help=f"How the total is shared: {', '.join(POLICIES)}.")]
 EstimatorOpt = Annotated[Path | None, typer.Option(
     "--estimator", help="A learned difficulty estimator (`apportion bench train-estimator`); default: agreement.")]
@@ -75,17 +77,22 @@ class BatchJob:
     concurrency: int
     seed: int | None
     estimator: LearnedEstimator | None = None
+    executor: str = "local"
+    ray_address: str | None = None
 
 
 async def run_job(job: BatchJob, backend: Backend) -> BatchResult:
     policy = make_policy(job.policy, window=job.concurrency, probe=job.probe, horizon=job.horizon, table=job.table,
                          estimator=job.estimator)
+    remote = RayExecutor(job.ray_address) if job.executor == "ray" else None
     try:
         return await answer_batch(
             job.items, backend, job.total, policy, lambda name: make_algorithm(name, job.sampling, job.scorer),
             algorithm=job.algorithm, max_tokens=job.sampling.max_tokens, system_prompt=job.sampling.system_prompt,
-            concurrency=job.concurrency, seed=job.seed, max_samples=job.horizon)
+            concurrency=job.concurrency, seed=job.seed, max_samples=job.horizon, executor=remote)
     finally:
+        if remote is not None:
+            remote.close()
         await backend.aclose()
 
 
@@ -126,20 +133,27 @@ def _print_bins(summary: dict[str, Any], console: Console) -> None:
 
 def checked_job(file: Path, out: Path | None, total_budget: str, policy: str, algorithm: str,
                 sampling: SamplingOptions, scorer: str, strategies: Path | None, probe: int, horizon: int,
-                concurrency: int, seed: int | None, field: str | None, estimator: Path | None = None) -> BatchJob:
+                concurrency: int, seed: int | None, field: str | None, estimator: Path | None = None,
+                executor: str = "local", ray_address: str | None = None) -> BatchJob:
     if out is None:
         raise ConfigError("a batch needs --out, the JSONL file to write answers to")
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
     if concurrency < 1 or probe < 1 or horizon < probe:
         raise ConfigError("--concurrency and --probe must be >= 1, and --horizon >= --probe")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; known: {', '.join(EXECUTORS)}")
+    if executor == "ray":
+        import_ray()  # a missing Ray is a usage error, reported before any work
+    elif ray_address is not None:
+        raise ConfigError("--ray-address goes with --executor ray")
     total = Budget.parse(total_budget)
     make_algorithm(algorithm, sampling, make_scorer(scorer))  # validates before any work
     table = StrategyTable.load(strategies) if strategies is not None else None
     check_output(out, inputs=(file,))
     learned = LearnedEstimator.load(estimator) if estimator is not None else None
     return BatchJob(read_items(file, field), total, policy, algorithm, sampling, make_scorer(scorer), table,
-                    probe, horizon, concurrency, seed, learned)
+                    probe, horizon, concurrency, seed, learned, executor, ray_address)
 
 
 def run_batch_command(job: BatchJob, backend: Backend, out: Path, report: Path | None, json_out: bool,
@@ -191,13 +205,18 @@ def batch(
         help="Prompt field of the records (default: question, prompt, problem or input).")] = None,
     concurrency: Annotated[int, typer.Option(help="Prompts answered at once within a round.")] = 4,
     timeout: TimeoutOpt = None,
+    executor: Annotated[str, typer.Option(
+        help="Where prompts run: local (this process) or ray (tasks on a Ray cluster; same answers and spend).")]
+        = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="The Ray cluster (default: $RAY_ADDRESS, else a new local instance).")] = None,
 ) -> None:
     """Answer a file of prompts under one total budget, shared out by difficulty."""
     console = Console(stderr=True, soft_wrap=True)
     try:
         job = checked_job(file, out, total_budget, policy, algorithm,
                           sampling_options(max_tokens, temperature, top_p, system_prompt), scorer, strategies,
-                          probe, horizon, concurrency, seed, field, estimator)
+                          probe, horizon, concurrency, seed, field, estimator, executor, ray_address)
         backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
     except ApportionError as exc:
         fail(console, exc, EXIT_USAGE)

@@ -13,16 +13,31 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
+from apportion.banks import BankEntry, SampleBank
 from apportion.budget.units import Price, Usage
 from apportion.errors import BankExhausted, ModelNotFound
 from apportion.lm.base import Capabilities, Completion, Prompt, Sample, SamplingParams, cut_point
 
-if TYPE_CHECKING:
-    from apportion.banks import BankEntry, SampleBank
+
+@dataclass(frozen=True, slots=True)
+class ReplayShard:
+    """One question of a replay backend as it stands: the question's entries, their serving
+    orders and how many of each were served, and what the backend says of itself. A backend built
+    from it (``ReplayBackend.from_shard``), in another process or on another machine, serves that
+    question exactly as the original would next; the original then takes over where it ended
+    (``resume``). Small: a worker needs neither the bank file nor the other questions."""
+
+    question: str
+    entries: tuple[BankEntry, ...]
+    orders: tuple[tuple[int, ...], ...]
+    served: tuple[int, ...]
+    model: str
+    price: Price
+    logprobs: bool
 
 
 class ReplayBackend:
@@ -42,6 +57,45 @@ class ReplayBackend:
         self._served = [0] * len(bank.entries)
         self._logprobs = bank.has_logprobs or bank.has_confidences
         self._lock = threading.Lock()
+
+    def shard(self, question: str) -> ReplayShard:
+        """This question's part of the backend, as it stands now."""
+        indices = self._indices(question)
+        with self._lock:
+            served = tuple(self._served[i] for i in indices)
+        return ReplayShard(question, tuple(self.bank.entries[i] for i in indices),
+                           tuple(tuple(int(k) for k in self._orders[i]) for i in indices), served,
+                           self._model, self._price, self._logprobs)
+
+    @classmethod
+    def from_shard(cls, shard: ReplayShard) -> ReplayBackend:
+        backend = cls(SampleBank(list(shard.entries), {"model": shard.model}), seed=None, model=shard.model,
+                      price=shard.price)
+        backend._orders = [list(order) for order in shard.orders]
+        backend._served = list(shard.served)
+        backend._logprobs = shard.logprobs
+        return backend
+
+    def served(self, question: str) -> tuple[int, ...]:
+        """How many samples of each of this question's entries were served."""
+        indices = self._indices(question)
+        with self._lock:
+            return tuple(self._served[i] for i in indices)
+
+    def resume(self, question: str, served: tuple[int, ...]) -> None:
+        """Continue after what a backend built from this question's shard served (``served`` of it)."""
+        indices = self._indices(question)
+        if len(served) != len(indices):
+            raise ValueError(f"{len(indices)} entries of this question, {len(served)} counts given")
+        with self._lock:
+            for i, n in zip(indices, served):
+                self._served[i] = n
+
+    def _indices(self, question: str) -> list[int]:
+        indices = self._by_question.get(question)
+        if indices is None:
+            raise ModelNotFound(f"prompt not in the bank: {question[:80]!r}")
+        return indices
 
     @property
     def model(self) -> str:
