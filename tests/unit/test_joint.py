@@ -113,6 +113,7 @@ async def test_in_tokens_the_template_with_shorter_answers_gets_more_samples():
     rows = {(r["template"], r["strategy"]): r for r in report["pairs"]}
     plain, cod = rows[("plain", "self-consistency")], rows[("cod", "self-consistency")]
     assert cod["samples_per_question"] > 2 * plain["samples_per_question"]
+    assert cod["capped"] and not plain["capped"]  # cod drew all 8 of its samples within the budget
     for r in report["pairs"]:
         assert r["tokens_per_question"] <= 120 + 1e-9  # the same mean budget for every pair
     assert report["banks"]["cod"]["mean_output_tokens"] == 10

@@ -200,7 +200,7 @@ async def compare_joint(setup: JointSetup) -> dict[str, Any]:
             "folds": [f"{len(split[0])} questions at even positions", f"{len(split[1])} at odd positions"],
             "baseline_template": setup.baseline_template, "strategies": list(setup.strategies),
             "banks": {t: _bank_summary(b) for t, b in setup.banks.items()},
-            "pairs": _pair_rows(cells, split, n), "choices": rows}
+            "pairs": _pair_rows(cells, split, n, setup.banks), "choices": rows}
 
 
 def _bank_summary(bank: SampleBank) -> dict[str, Any]:
@@ -212,8 +212,11 @@ def _bank_summary(bank: SampleBank) -> dict[str, Any]:
             "mean_output_tokens": statistics.fmean(s.output_tokens for e in bank.entries for s in e.samples)}
 
 
-def _pair_rows(cells: list[dict[Pair, PolicyCell]], split: tuple[list[int], list[int]], n: int) -> list[dict[str, Any]]:
-    """Each pair over all questions (in sample: no choice is made here) and on each fold."""
+def _pair_rows(cells: list[dict[Pair, PolicyCell]], split: tuple[list[int], list[int]], n: int,
+               banks: Mapping[str, SampleBank]) -> list[dict[str, Any]]:
+    """Each pair over all questions (in sample: no choice is made here) and on each fold. A pair
+    that drew every sample its bank holds (``capped``) may have left budget unspent: its bank, not
+    the budget, bound it."""
     rows = []
     for pair in cells[0]:
         per_question = [0.0] * n
@@ -221,9 +224,10 @@ def _pair_rows(cells: list[dict[Pair, PolicyCell]], split: tuple[list[int], list
             for q, rate in zip(questions, fold[pair].per_question):
                 per_question[q] = rate
         low, high = bootstrap_interval(per_question)
+        samples = sum(f[pair].generations * len(q) for f, q in zip(cells, split)) / n
         rows.append({"template": pair[0], "strategy": pair[1], "accuracy": statistics.fmean(per_question),
                      "interval": [low, high],
                      "fold_accuracy": [fold[pair].accuracy for fold in cells],
                      "tokens_per_question": sum(f[pair].tokens * len(q) for f, q in zip(cells, split)) / n,
-                     "samples_per_question": sum(f[pair].generations * len(q) for f, q in zip(cells, split)) / n})
+                     "samples_per_question": samples, "capped": samples >= banks[pair[0]].k - 1e-9})
     return rows

@@ -87,6 +87,9 @@ def _tables(report: dict[str, Any], console: Console) -> None:
         pairs.add_row(r["template"], r["strategy"], _accuracy(r), *(f"{100 * a:.1f}%" for a in r["fold_accuracy"]),
                       f"{r['tokens_per_question']:.0f}", f"{r['samples_per_question']:.2f}")
     console.print(pairs)
+    capped = [f"{r['template']} + {r['strategy']}" for r in report["pairs"] if r["capped"]]
+    if capped:
+        console.print(f"drew every sample its bank holds (the bank, not the budget, bound it): {', '.join(capped)}")
     held = Table(title="Chosen on one fold, scored on the other (both ways)")
     for column in ("choice", "fold 1's pair (chosen on 2)", "fold 2's pair (chosen on 1)", "held-out accuracy",
                    "tokens/q", "joint minus this [95% CI]"):
