@@ -158,12 +158,13 @@ def choices(setup: JointSetup, dev: Mapping[Pair, PolicyCell]) -> dict[str, Pair
 
 
 CHOICES = {
-    "joint": "template and strategy chosen together",
-    "baseline_template_best_strategy": "(a) the plain template, its best strategy",
-    "best_template_self_consistency": "(b) the best template under self-consistency",
-    "each_chosen_alone": "(c) template (under SC) and strategy (on plain) each chosen alone",
-    "baseline_self_consistency": "the plain template with self-consistency, nothing chosen",
+    "joint": "joint: chosen together",
+    "baseline_template_best_strategy": "(a) plain, its best strategy",
+    "best_template_self_consistency": "(b) best template under SC",
+    "each_chosen_alone": "(c) (b)'s template, (a)'s strategy",
+    "baseline_self_consistency": "plain SC, nothing chosen",
 }
+"""Ways of choosing; "plain" stands for the baseline template (the first bank where none is plain)."""
 
 
 async def compare_joint(setup: JointSetup) -> dict[str, Any]:
