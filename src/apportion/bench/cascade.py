@@ -170,6 +170,7 @@ async def run_cascade_bench(bench: CascadeBench) -> dict[str, Any]:
                                        dev, budget=budget)
             for arm, pick in chosen.items():
                 if pick is None:
+                    arms.setdefault(arm, [])
                     continue
                 arms.setdefault(arm, []).append((pick, await run_held_out(bench, pick.config, test, budget)))
         row = _row(budget, arms, sim, names)
@@ -206,7 +207,8 @@ def _row(budget: float, arms: dict[str, list[tuple[Expected, HeldOut]]], sim: Si
                 right[q], usd[q] = r, u
             covered += len(held.questions)
         if covered != sim.questions:
-            continue  # nothing fitted the budget on some fold: no figure over all questions
+            out.setdefault("unaffordable", []).append(arm)  # nothing fitted the budget on some fold
+            continue
         per_arm[arm] = right
         low, high = bootstrap_interval(right)
         generations: dict[str, float] = {}

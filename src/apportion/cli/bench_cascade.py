@@ -146,6 +146,8 @@ def _print(report: dict[str, Any], console: Console) -> None:
                           f"{100 * a['escalated']:.0f}%",
                           "-" if diff is None else f"{100 * diff[0]:+.1f} [{100 * diff[1]:+.1f}, {100 * diff[2]:+.1f}]")
         console.print(table)
+        if row.get("unaffordable"):
+            console.print(f"no configuration fits this budget for: {', '.join(row['unaffordable'])}")
         picks = [f"fold {i + 1}: {b['models'][0]} k={b['samples'][0]} ({100 * b['held_out_accuracy']:.1f}% held out)"
                  for i, b in enumerate(row.get("best_single") or []) if b is not None]
         if picks:

@@ -45,6 +45,18 @@ from apportion.cli._app import (
     make_scorer,
     sampling_options,
 )
+from apportion.cli._cascade import (
+    CascadeSamplesOpt,
+    CascadeSettings,
+    ConfidenceOpt,
+    ModelsOpt,
+    ThresholdOpt,
+    cascade_algorithm,
+    cascade_backends,
+    cascade_settings,
+    checked_cascade_batch,
+    run_cascade_batch_command,
+)
 from apportion.cli.batch import EstimatorOpt, PolicyOpt, StrategiesOpt, checked_job, run_batch_command
 from apportion.errors import ApportionError, ConfigError, RunFailed
 from apportion.files import ReplacingWriter, check_output, is_text
@@ -57,7 +69,7 @@ def run(
     prompt: Annotated[str | None, typer.Argument(
         help="The question to answer ('-' reads it from standard input). Omit with --file.")] = None,
     algorithm: Annotated[str, typer.Option("--algorithm", "-a",
-        help=f"One of: {', '.join(ALGORITHMS)}.")] = "self-consistency",
+        help=f"One of: {', '.join(ALGORITHMS)}; or cascade, over --models.")] = "self-consistency",
     budget: Annotated[str, typer.Option("--budget", "-b",
         help="Generations ('8'), or unit=value pairs: 'gen=8,tokens=4000,usd=0.01,seconds=30' "
              "(units: gen, input, output, tokens, usd, seconds, tool_calls).")] = "8",
@@ -107,9 +119,30 @@ def run(
     policy: PolicyOpt = "compute-optimal",
     strategies: StrategiesOpt = None,
     estimator: EstimatorOpt = None,
+    models: ModelsOpt = None,
+    cascade_samples: CascadeSamplesOpt = None,
+    threshold: ThresholdOpt = None,
+    confidence: ConfidenceOpt = "vote",
 ) -> None:
     """Answer a prompt (or a file of prompts) within a budget."""
     console = Console(stderr=True, soft_wrap=True)
+    try:
+        cascade = _cascade(algorithm, models, cascade_samples, threshold, confidence, stop,
+                           {"--base-url": base_url, "--model": model, "--model-path": model_path, "--price": price,
+                            "--price-file": price_file})
+    except ApportionError as exc:
+        fail(console, exc, EXIT_USAGE)
+    if cascade is not None and total_budget is not None:
+        try:
+            if file is None:
+                raise ConfigError("--total-budget shares one budget over a --file of prompts")
+            cascade_job = checked_cascade_batch(cascade, file, out, total_budget, field, concurrency, seed)
+            batch_sampling = sampling_options(max_tokens, temperature, top_p, system_prompt)
+            batch_scorer = make_scorer(scorer)
+        except ApportionError as exc:
+            fail(console, exc, EXIT_USAGE)
+        run_cascade_batch_command(cascade_job, batch_sampling, batch_scorer, timeout, None, json_out, trace, console)
+        return
     if total_budget is not None:
         try:
             if file is None:
@@ -147,29 +180,38 @@ def run(
         sampling = replace(sampling, prompt_mode=parse_prompt_mode(prompt_mode))
         forcing = _forcing_options(min_thinking_tokens, max_thinking_tokens, end_marker, answer_cue)
         programs = _program_options(program_time_limit, program_memory_mb)
-        chosen = make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing,
-                                programs=programs)  # validates before any work
-        backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
-        check_budget_can_bind(parsed_budget, backend, chosen)
+        others: list[Backend] = []
+        if cascade is None:
+            chosen = make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing,
+                                    programs=programs)  # validates before any work
+            backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
+            check_budget_can_bind(parsed_budget, backend, chosen)
+        else:
+            backends = cascade_backends(cascade, parsed_budget, timeout)
+            backend, first = cascade_algorithm(cascade, backends, sampling)
+            others = list(first.later)
     except ApportionError as exc:
         fail(console, exc, EXIT_USAGE)
-    checked_preflight(backend, console)
+    for each in (backend, *others):
+        checked_preflight(each, console)
 
     def algorithm_for() -> Any:
+        if cascade is not None:
+            return cascade_algorithm(cascade, backends, sampling)[1]
         return make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing, programs=programs)
 
     if items is not None:
         assert out is not None
         try:
             code = asyncio.run(_run_file(algorithm_for, backend, items, out, parsed_budget, concurrency, seed,
-                                         json_out, trace, console))
+                                         json_out, trace, console, others))
         except ApportionError as exc:
             fail(console, exc, EXIT_FAILURE)
         if code:
             raise typer.Exit(code)
         return
     try:
-        result = asyncio.run(_run_one(algorithm_for(), backend, prompt or "", parsed_budget, seed))
+        result = asyncio.run(_run_one(algorithm_for(), backend, prompt or "", parsed_budget, seed, others))
     except RunFailed as exc:  # nothing could be drawn: say why, and what the attempts spent
         if json_out:
             typer.echo(json.dumps(exc.result.to_dict(trace=trace), ensure_ascii=False))
@@ -183,6 +225,23 @@ def run(
     if result.partial:
         console.print(f"[yellow]partial:[/yellow] a failure ended the run early; the answer is the best of "
                       f"{len(result.candidates)} candidate(s) drawn before it: {result.error}")
+
+
+def _cascade(algorithm: str, models: Path | None, samples: str | None, threshold: str | None, confidence: str,
+             stop: str | None, single: dict[str, object]) -> CascadeSettings | None:
+    """The cascade ``--algorithm cascade --models FILE`` asks for (None for any other algorithm)."""
+    if algorithm.lower() != "cascade":
+        if models is not None or samples is not None or threshold is not None:
+            raise ConfigError("--models, --cascade-samples and --threshold go with --algorithm cascade")
+        return None
+    if models is None:
+        raise ConfigError("--algorithm cascade needs --models, the models file (cheapest first)")
+    given = [name for name, value in single.items() if value is not None]
+    if given:
+        raise ConfigError(f"the models file names the models and their prices; drop {', '.join(given)}")
+    if stop is not None:
+        raise ConfigError("a cascade takes no --stop: its thresholds decide when to stop")
+    return cascade_settings(models, samples, threshold, confidence)
 
 
 def _forcing_options(min_thinking: int | None, max_thinking: int | None, end_marker: str | None,
@@ -206,16 +265,18 @@ def _program_options(time_limit: float | None, memory_mb: int | None) -> Program
 
 
 async def _run_one(algorithm: Any, backend: Backend, prompt: str, budget: Budget,
-                   seed: int | None) -> Result:
+                   seed: int | None, others: list[Backend] | None = None) -> Result:
     try:
         result: Result = await algorithm.run(backend, prompt, budget, seed=seed)
         return result
     finally:
-        await backend.aclose()
+        for each in (backend, *(others or ())):
+            await each.aclose()
 
 
 async def _run_file(algorithm_for: Any, backend: Backend, items: list[Item], out: Path, budget: Budget,
-                    concurrency: int, seed: int | None, json_out: bool, trace: bool, console: Console) -> int:
+                    concurrency: int, seed: int | None, json_out: bool, trace: bool, console: Console,
+                    others: list[Backend] | None = None) -> int:
     """Answers every item into ``out`` (through a ``.partial`` file, renamed when done); the exit
     code: 0 when every line was answered or ran out of budget, 1 when any failed or was invalid."""
     counts: Counter[str] = Counter()
@@ -243,7 +304,8 @@ async def _run_file(algorithm_for: Any, backend: Backend, items: list[Item], out
                       + (f"; {out} is unchanged" if writer.replaced is not None else ""))
         raise
     finally:
-        await backend.aclose()
+        for each in (backend, *(others or ())):
+            await each.aclose()
     console.print(_file_summary(counts, len(items), out, writer.replaced))
     return EXIT_FAILURE if counts["failed"] or counts["invalid"] or not (counts["answered"] or
                                                                           counts["unanswered"]) else 0
