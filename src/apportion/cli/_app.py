@@ -9,6 +9,7 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from apportion import __version__
 from apportion.algorithms.base import DEFAULT_SYSTEM_PROMPT, SamplingOptions
@@ -125,7 +126,7 @@ def checked_preflight(backend: Backend, console: Console) -> None:
 
 
 def fail(console: Console, exc: Exception, code: int) -> NoReturn:
-    console.print(f"[red]error:[/red] {exc}")
+    console.print(f"[red]error:[/red] {escape(str(exc))}")  # a message's own brackets are text, not styles
     raise typer.Exit(code) from None
 
 
