@@ -382,3 +382,29 @@ def test_run_with_a_cascade_over_two_servers(tmp_path):
         unused = CliRunner().invoke(app, ["run", "q", "--algorithm", "cascade", "--models", str(models),
                                           "--price", "1,2"])
         assert unused.exit_code == 2 and "drop --price" in unused.output
+
+
+def test_a_file_under_one_total_budget_with_a_cascade(tmp_path):
+    def cheap_reply(body, i):
+        question = body["messages"][-1]["content"]
+        return "The answer is 5." if "settled" in question else f"The answer is {i % 3}."
+
+    with FakeOpenAI(cheap_reply, model="small") as cheap, FakeOpenAI(lambda body, i: "The answer is 8.",
+                                                                      model="big") as dear:
+        models = tmp_path / "models.json"
+        models.write_text(json.dumps([
+            {"name": "small", "base_url": cheap.base_url, "model": "small", "price": "1,2"},
+            {"name": "big", "base_url": dear.base_url, "model": "big", "price": "4,8"}]))
+        questions = tmp_path / "q.jsonl"
+        questions.write_text("".join(json.dumps({"question": q}) + "\n" for q in ("settled one", "open two")))
+        out = tmp_path / "answers.jsonl"
+        result = CliRunner().invoke(app, ["run", "--file", str(questions), "--out", str(out), "--algorithm", "cascade",
+                                          "--models", str(models), "--total-budget", "usd=0.01",
+                                          "--cascade-samples", "3,2", "--threshold", "0.9", "--max-tokens", "16"])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["answer"] for r in rows] == ["5", "8"]
+        assert [r["allocation"]["model"] for r in rows] == ["small", "big"]
+        assert [[c["model"] for c in r["candidates"]] for r in rows] == [["small"] * 3, ["small"] * 3 + ["big"] * 2]
+        report = json.loads(out.with_name(out.name + ".allocation.json").read_text())
+        assert report["policy"]["policy"] == "cascade" and report["spent"]["usd"] <= 0.01
