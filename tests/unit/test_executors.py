@@ -101,10 +101,11 @@ async def _in_another_process(job: Job) -> Reply:
     return pickle.loads(pickle.dumps(reply))
 
 
-# Generations only: rounds fit the parent together. Tokens: the last prompts of a stream share
-# run one at a time, and the parent binds. Dollars: shares in fractions of a cent.
+# Generations only: rounds fit the parent together. Tokens: worst cases do not fit, so prompts run
+# one at a time and the parent binds. Dollars: shares in fractions of a cent. A deadline travels
+# as seconds left.
 TOTALS = [Budget(generations=17), Budget(total_tokens=900), Budget(generations=30, output_tokens=500),
-          Budget(usd=0.0006)]
+          Budget(usd=0.0006), Budget(generations=20, seconds=600)]
 
 
 @pytest.mark.parametrize("policy", ["uniform", "marginal-gain", "difficulty-bins", "back-load"])
