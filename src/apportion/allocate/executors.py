@@ -140,8 +140,8 @@ class RemoteExecutor:
         except BaseException as exc:  # lost, or cancelled while it ran: what it spent is unknown
             ledger.settle_hold(held, _all_of(amounts, work.backend.price))
             if isinstance(exc, Exception):
-                raise WorkerFailed(f"the worker was lost ({type(exc).__name__}: {exc}); its whole "
-                                   "allowance is charged, as calls it made may have been billed") from exc
+                raise WorkerFailed(f"the worker was lost ({brief(exc)}); its whole allowance is charged, "
+                                   "as calls it made may have been billed") from exc
             raise
         ledger.settle_hold(held, reply.spent, reply.calls)
         ledger.exhausted_reason = reply.exhausted_reason
@@ -155,6 +155,13 @@ class RemoteExecutor:
         if reply.failure is not None or reply.result is None:
             raise WorkerFailed(f"the worker failed: {reply.message}")
         return _whole(reply.result, ledger)
+
+
+def brief(exc: BaseException, limit: int = 240) -> str:
+    """An exception in one short line: a cluster's errors carry tracebacks and whole task arguments."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit or len(lines) > 1 else ''}"
 
 
 def _whole(result: Result, ledger: Ledger) -> Result:

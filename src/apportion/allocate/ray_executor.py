@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from apportion.allocate.executors import JobNotSent, RemoteExecutor
+from apportion.allocate.executors import JobNotSent, RemoteExecutor, brief
 from apportion.allocate.remote import Job, Reply, run_job
 from apportion.errors import ConfigError
 
@@ -45,7 +45,7 @@ class RayExecutor(RemoteExecutor):
         try:
             ref = self._task.remote(job)
         except Exception as exc:  # not serialisable, or no cluster: the task never started
-            raise JobNotSent(f"could not send the job to Ray: {type(exc).__name__}: {exc}") from exc
+            raise JobNotSent(f"could not send the job to Ray: {brief(exc)}") from exc
         try:
             reply: Reply = await ref
         except asyncio.CancelledError:
