@@ -314,3 +314,19 @@ async def test_a_ray_worker_that_dies_is_reported_and_charged_its_allowance(ray_
     after = Ledger(Budget(generations=20)).child(Budget(generations=2))
     result = await RayExecutor().run(_work(after))
     assert result.spent.generations == 2 and result.answer is not None
+
+
+def test_backends_travel_as_specs_and_others_are_refused():
+    from apportion.allocate.remote import EmbeddedSpec, HTTPSpec, spec_for
+    from apportion.errors import ConfigError
+    from apportion.lm import EmbeddedOptions, HTTPOptions, LlamaEmbeddedBackend, OpenAIHTTPBackend, ScriptedBackend
+
+    options = HTTPOptions(base_url="http://127.0.0.1:9/v1", model="m", api_key="k", price=PRICE)
+    spec = pickle.loads(pickle.dumps(spec_for(OpenAIHTTPBackend(options), "q")))
+    assert isinstance(spec, HTTPSpec) and spec.build().options == options
+    embedded = spec_for(LlamaEmbeddedBackend(EmbeddedOptions(model_name="small", price=PRICE)), "q")
+    assert isinstance(embedded, EmbeddedSpec)
+    built = embedded.build()  # the model loads on first use, not here
+    assert built is embedded.build() and built.model == "small" and not embedded.closes()
+    with pytest.raises(ConfigError, match="cannot send the 'scripted'"):
+        spec_for(ScriptedBackend(lambda *a: "x"), "q")

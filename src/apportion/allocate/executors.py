@@ -111,7 +111,7 @@ class RemoteExecutor:
 
     def __init__(self, submit: Callable[[Job], Awaitable[Reply]]) -> None:
         self._submit = submit
-        self._lanes: dict[str, asyncio.Lock] = {}
+        self._lanes: dict[tuple[int, str], asyncio.Lock] = {}
 
     async def run(self, work: Work) -> Result:
         lane = lane_of(work.backend, work.prompt)

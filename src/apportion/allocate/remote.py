@@ -31,10 +31,6 @@ from apportion.result import Candidate, Result
 class BackendSpec(Protocol):
     """How a worker rebuilds the backend a prompt runs on."""
 
-    @property
-    def lane(self) -> str | None:
-        """Jobs of one lane share backend state, so they run one after another (None: no lane)."""
-
     def build(self) -> Backend: ...
 
     def state(self, backend: Backend) -> Any:
@@ -49,10 +45,6 @@ class ReplaySpec:
     """One question of a replayed bank, where its serving stands: the worker continues it."""
 
     shard: ReplayShard
-
-    @property
-    def lane(self) -> str:
-        return f"replay:{self.shard.question}"
 
     def build(self) -> Backend:
         return ReplayBackend.from_shard(self.shard)
@@ -70,10 +62,6 @@ class HTTPSpec:
     """An OpenAI-compatible server: the worker opens its own client (the API key goes with it)."""
 
     options: HTTPOptions
-
-    @property
-    def lane(self) -> None:
-        return None
 
     def build(self) -> Backend:
         return OpenAIHTTPBackend(self.options)
@@ -95,10 +83,6 @@ class EmbeddedSpec:
     """The embedded model; a ``model_path`` must exist on the worker too."""
 
     options: EmbeddedOptions
-
-    @property
-    def lane(self) -> None:
-        return None
 
     def build(self) -> Backend:
         key = repr(self.options)
@@ -126,9 +110,10 @@ def spec_for(backend: Backend, prompt: str) -> BackendSpec:
                       "it sends replayed banks, OpenAI-compatible servers and the embedded model")
 
 
-def lane_of(backend: Backend, prompt: str) -> str | None:
-    """The lane of a job on ``prompt``, known without taking a snapshot of the backend."""
-    return f"replay:{prompt}" if isinstance(backend, ReplayBackend) else None
+def lane_of(backend: Backend, prompt: str) -> tuple[int, str] | None:
+    """Jobs of one lane share backend state, so they run one after another (None: no lane): a
+    replayed question's jobs continue one serving order."""
+    return (id(backend), prompt) if isinstance(backend, ReplayBackend) else None
 
 
 def take_over(backend: Backend, spec: BackendSpec, state: Any) -> None:
