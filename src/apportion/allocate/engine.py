@@ -68,6 +68,8 @@ class PromptState:
     prompt_tokens: int = 0
     model: str | None = None
     """The model of its last round, where a grant named one."""
+    routed: str | None = None
+    """"direct" where think / no-think routing answered it from its direct probe alone."""
     model_prompt_tokens: dict[str, int] = field(default_factory=dict)
     """Its prompt's tokens on each of the batch's named models (tokenizers differ)."""
 
@@ -87,6 +89,8 @@ class PromptState:
         out: dict[str, Any] = {"rounds": self.rounds, "algorithm": self.algorithm, "bin": self.bin}
         if self.model is not None:
             out["model"] = self.model
+        if self.routed is not None:
+            out["routed"] = self.routed
         if self.estimate is not None:
             out.update(self.estimate.to_dict())
         return out
@@ -256,9 +260,9 @@ async def answer_batch(
             state.ledger = parent.child(grant.budget)
         else:
             state.ledger.top_up(grant.budget)
-        state.algorithm = grant.algorithm or state.algorithm or algorithm
+        state.algorithm = grant.algorithm or algorithm  # a grant naming none means the batch's, not the last round's
         lm = _backend_for(grant, backend, batch.backends)
-        state.model = grant.model or state.model
+        state.model = grant.model
         run_seed = None if seed is None else seed + state.item.line + ROUND_SEED_STRIDE * round_no
         try:
             async with limit:

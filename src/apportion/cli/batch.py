@@ -21,7 +21,7 @@ from apportion.algorithms.base import SamplingOptions, check_budget_can_bind
 from apportion.algorithms.registry import ALGORITHMS, make_algorithm
 from apportion.allocate.engine import BatchResult, answer_batch
 from apportion.allocate.learned import LearnedEstimator
-from apportion.allocate.policies import POLICIES, StrategyTable, make_policy
+from apportion.allocate.policies import POLICIES, StrategyTable, ThinkRoute, make_policy
 from apportion.allocate.ray_executor import RayExecutor, import_ray
 from apportion.batch import Item, read_items
 from apportion.budget.units import Budget
@@ -79,11 +79,12 @@ class BatchJob:
     estimator: LearnedEstimator | None = None
     executor: str = "local"
     ray_address: str | None = None
+    think: bool = False
 
 
 async def run_job(job: BatchJob, backend: Backend) -> BatchResult:
     policy = make_policy(job.policy, window=job.concurrency, probe=job.probe, horizon=job.horizon, table=job.table,
-                         estimator=job.estimator)
+                         estimator=job.estimator, think=ThinkRoute() if job.think else None)
     remote = RayExecutor(job.ray_address) if job.executor == "ray" else None
     try:
         return await answer_batch(
@@ -134,7 +135,7 @@ def _print_bins(summary: dict[str, Any], console: Console) -> None:
 def checked_job(file: Path, out: Path | None, total_budget: str, policy: str, algorithm: str,
                 sampling: SamplingOptions, scorer: str, strategies: Path | None, probe: int, horizon: int,
                 concurrency: int, seed: int | None, field: str | None, estimator: Path | None = None,
-                executor: str = "local", ray_address: str | None = None) -> BatchJob:
+                executor: str = "local", ray_address: str | None = None, think: bool = False) -> BatchJob:
     if out is None:
         raise ConfigError("a batch needs --out, the JSONL file to write answers to")
     if policy not in POLICIES:
@@ -152,8 +153,10 @@ def checked_job(file: Path, out: Path | None, total_budget: str, policy: str, al
     table = StrategyTable.load(strategies) if strategies is not None else None
     check_output(out, inputs=(file,))
     learned = LearnedEstimator.load(estimator) if estimator is not None else None
+    if think and policy in ("uniform", "front-load", "back-load"):
+        raise ConfigError(f"--think routes after a probe, which the {policy} policy does not draw")
     return BatchJob(read_items(file, field), total, policy, algorithm, sampling, make_scorer(scorer), table,
-                    probe, horizon, concurrency, seed, learned, executor, ray_address)
+                    probe, horizon, concurrency, seed, learned, executor, ray_address, think)
 
 
 def run_batch_command(job: BatchJob, backend: Backend, out: Path, report: Path | None, json_out: bool,
@@ -183,6 +186,9 @@ def batch(
         "self-consistency",
     strategies: StrategiesOpt = None,
     estimator: EstimatorOpt = None,
+    think: Annotated[bool, typer.Option(
+        "--think", help="Think / no-think routing: probe with direct answers (no reasoning); a prompt whose "
+                        "direct answers agree is answered, the others reason.")] = False,
     probe: Annotated[int, typer.Option(help="Samples per prompt before difficulty is estimated.")] = 2,
     horizon: Annotated[int, typer.Option(help="The most samples any one prompt may get.")] = 32,
     report: Annotated[Path | None, typer.Option(
@@ -216,7 +222,7 @@ def batch(
     try:
         job = checked_job(file, out, total_budget, policy, algorithm,
                           sampling_options(max_tokens, temperature, top_p, system_prompt), scorer, strategies,
-                          probe, horizon, concurrency, seed, field, estimator, executor, ray_address)
+                          probe, horizon, concurrency, seed, field, estimator, executor, ray_address, think)
         backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
     except ApportionError as exc:
         fail(console, exc, EXIT_USAGE)
