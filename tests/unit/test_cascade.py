@@ -408,3 +408,28 @@ def test_a_file_under_one_total_budget_with_a_cascade(tmp_path):
         assert [[c["model"] for c in r["candidates"]] for r in rows] == [["small"] * 3, ["small"] * 3 + ["big"] * 2]
         report = json.loads(out.with_name(out.name + ".allocation.json").read_text())
         assert report["policy"]["policy"] == "cascade" and report["spent"]["usd"] <= 0.01
+
+
+def test_batch_with_models_and_the_cascade_policy(tmp_path):
+    with FakeOpenAI(lambda body, i: f"The answer is {i % 2}.", model="small") as cheap, \
+            FakeOpenAI(lambda body, i: "The answer is 8.", model="big") as dear:
+        models = tmp_path / "models.json"
+        models.write_text(json.dumps([
+            {"name": "small", "base_url": cheap.base_url, "model": "small", "price": "1,2"},
+            {"name": "big", "base_url": dear.base_url, "model": "big", "price": "4,8"}]))
+        questions = tmp_path / "q.jsonl"
+        questions.write_text(json.dumps({"question": "one"}) + "\n")
+        out = tmp_path / "answers.jsonl"
+        common = ["batch", str(questions), "--out", str(out), "--total-budget", "usd=0.01", "--max-tokens", "16"]
+        result = CliRunner().invoke(app, [*common, "--models", str(models), "--policy", "cascade",
+                                          "--cascade-samples", "2,2", "--threshold", "0.9"])
+        assert result.exit_code == 0, result.output
+        row = json.loads(out.read_text())
+        assert row["answer"] == "8" and [c["model"] for c in row["candidates"]] == ["small"] * 2 + ["big"] * 2
+    for args, message in ((["--models", str(models), "--policy", "uniform"], "--models goes with --policy cascade"),
+                          (["--policy", "cascade"], "--policy cascade needs --models"),
+                          (["--models", str(models), "--policy", "cascade", "--price", "1,2"], "does not take --price"),
+                          (["--models", str(models), "--policy", "cascade", "--threshold", "0.5,0.6"],
+                           "2 value(s); 2 models need 1")):
+        bad = CliRunner().invoke(app, [*common, *args])
+        assert bad.exit_code == 2 and message in bad.output, bad.output

@@ -19,7 +19,7 @@ from apportion.allocate.engine import BatchResult, answer_batch
 from apportion.allocate.models import ModelSpec, build_backends, load_models
 from apportion.batch import Item, read_items
 from apportion.budget.units import Budget
-from apportion.cli._app import EXIT_FAILURE, EXIT_USAGE, checked_preflight, fail
+from apportion.cli._app import EXIT_FAILURE, EXIT_USAGE, checked_preflight, fail, make_scorer
 from apportion.errors import ApportionError, ConfigError
 from apportion.files import check_output
 from apportion.lm.base import Backend
@@ -160,3 +160,23 @@ def run_cascade_batch_command(job: CascadeBatch, sampling: SamplingOptions, scor
                        trace, console)
     if code:
         raise typer.Exit(code)
+
+
+def cascade_batch_command(file: Path, out: Path | None, total_budget: str, policy: str, models: Path | None,
+                          samples: str | None, thresholds: str | None, confidence: str, sampling: SamplingOptions,
+                          scorer: str, field: str | None, concurrency: int, seed: int | None,
+                          timeout: str | None, report: Path | None, json_out: bool, trace: bool, console: Console,
+                          unused: dict[str, object]) -> None:
+    """``apportion batch FILE --models M --policy cascade``: checked, then run."""
+    try:
+        if policy != "cascade" or models is None:
+            raise ConfigError("--models goes with --policy cascade, and --policy cascade needs --models")
+        given = [name for name, value in unused.items() if value not in (None, False, "local")]
+        if given:
+            raise ConfigError(f"a cascade over --models does not take {', '.join(given)}")
+        job = checked_cascade_batch(cascade_settings(models, samples, thresholds, confidence), file, out,
+                                    total_budget, field, concurrency, seed)
+        chosen = make_scorer(scorer)
+    except ApportionError as exc:
+        fail(console, exc, EXIT_USAGE)
+    run_cascade_batch_command(job, sampling, chosen, timeout, report, json_out, trace, console)

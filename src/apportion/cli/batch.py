@@ -47,13 +47,21 @@ from apportion.cli._app import (
     make_scorer,
     sampling_options,
 )
+from apportion.cli._cascade import (
+    CascadeSamplesOpt,
+    ConfidenceOpt,
+    ModelsOpt,
+    ThresholdOpt,
+    cascade_batch_command,
+)
 from apportion.errors import ApportionError, ConfigError
 from apportion.files import ReplacingWriter, check_output
 from apportion.lm.base import Backend
 from apportion.reward.base import OutcomeScorer
 
 EXECUTORS = ("local", "ray")
-PolicyOpt = Annotated[str, typer.Option("--policy", help=f"How the total is shared: {', '.join(POLICIES)}.")]
+PolicyOpt = Annotated[str, typer.Option(
+    "--policy", help=f"How the total is shared: {', '.join(POLICIES)}; or cascade, over --models.")]
 EstimatorOpt = Annotated[Path | None, typer.Option(
     "--estimator", help="A learned difficulty estimator (`apportion bench train-estimator`); default: agreement.")]
 StrategiesOpt = Annotated[Path | None, typer.Option(
@@ -216,9 +224,22 @@ def batch(
         = "local",
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="The Ray cluster (default: $RAY_ADDRESS, else a new local instance).")] = None,
+    models: ModelsOpt = None,
+    cascade_samples: CascadeSamplesOpt = None,
+    threshold: ThresholdOpt = None,
+    confidence: ConfidenceOpt = "vote",
 ) -> None:
     """Answer a file of prompts under one total budget, shared out by difficulty."""
     console = Console(stderr=True, soft_wrap=True)
+    if models is not None or policy == "cascade":
+        cascade_batch_command(
+            file, out, total_budget, policy, models, cascade_samples, threshold, confidence,
+            sampling_options(max_tokens, temperature, top_p, system_prompt), scorer, field, concurrency,
+            seed, timeout, report, json_out, trace, console,
+            {"--base-url": base_url, "--model": model, "--model-path": model_path, "--price": price,
+             "--price-file": price_file, "--strategies": strategies, "--estimator": estimator, "--think": think,
+             "--executor": executor, "--ray-address": ray_address})
+        return
     try:
         job = checked_job(file, out, total_budget, policy, algorithm,
                           sampling_options(max_tokens, temperature, top_p, system_prompt), scorer, strategies,
