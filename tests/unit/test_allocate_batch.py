@@ -218,3 +218,17 @@ def test_a_deadline_ends_the_batch_with_what_was_drawn():
     assert time.monotonic() - started < 1.5
     assert all(o.result is not None and o.result.answer == "1" for o in result.outcomes)
     assert result.spent.seconds <= 0.6 + 0.3  # the last call may overrun the deadline by its own latency
+
+
+@pytest.mark.parametrize("policy", ["uniform", "marginal-gain", "equal-samples"])
+def test_a_batch_of_programs_never_runs_more_tool_calls_than_the_total(policy):
+    program = "Here is the program:\n```python\nprint(6 * 7)\n```"
+    backend = ScriptedBackend([program])
+    result = asyncio.run(answer_batch(
+        _items(["q one", "q two", "q three"]), backend, Budget(generations=12, tool_calls=5),
+        make_policy(policy, probe=1, horizon=8), lambda name: make_algorithm(name, SAMPLING),
+        algorithm="program-aided", max_tokens=SAMPLING.max_tokens, system_prompt=SAMPLING.system_prompt, seed=0,
+        max_samples=8))
+    assert result.spent.tool_calls <= 5 and result.spent.generations <= 12
+    assert sum(o.result.spent.tool_calls for o in result.outcomes if o.result) == result.spent.tool_calls
+    assert all(o.result.answer == "42" for o in result.outcomes if o.result and o.result.candidates)

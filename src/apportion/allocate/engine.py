@@ -34,8 +34,7 @@ from apportion.result import Candidate, Result
 
 # Seeds of a prompt's successive rounds lie this far apart, so no round repeats an earlier one's draws.
 ROUND_SEED_STRIDE = 1_000_003
-PLANNED_UNITS = ("generations", "input_tokens", "output_tokens", "total_tokens", "usd")
-# tool_calls bind through the parent ledger, never exceeded, but plans do not price them yet
+PLANNED_UNITS = ("generations", "input_tokens", "output_tokens", "total_tokens", "usd", "tool_calls")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,17 +129,20 @@ class Batch:
         s = state.spent
         if s.generations:
             inp, out = s.input_tokens / s.generations, s.output_tokens / s.generations
+            tools = s.tool_calls / s.generations  # a program-aided sample runs its program: samples trade against tools
         else:
-            inp, out = float(state.prompt_tokens), self.max_tokens / 4
+            inp, out, tools = float(state.prompt_tokens), self.max_tokens / 4, 0.0
         return {"generations": 1.0, "input_tokens": inp, "output_tokens": out, "total_tokens": inp + out,
-                "usd": float(self.price.per_input_token()) * inp + float(self.price.per_output_token()) * out}
+                "usd": float(self.price.per_input_token()) * inp + float(self.price.per_output_token()) * out,
+                "tool_calls": tools}
 
     def worst_case(self, state: PromptState, samples: int) -> dict[str, float]:
         """The most ``samples`` more samples of this prompt can reserve, per unit (a call per
         sample at worst, each paying the prompt)."""
         inp, out = samples * state.prompt_tokens, samples * self.max_tokens
         return {"generations": float(samples), "input_tokens": float(inp), "output_tokens": float(out),
-                "total_tokens": float(inp + out), "usd": float(self.price.cost(inp, out))}
+                "total_tokens": float(inp + out), "usd": float(self.price.cost(inp, out)),
+                "tool_calls": float(samples)}
 
     def with_samples(self, state: PromptState, extra: int, algorithm: str | None = None) -> Grant:
         """A grant of ``extra`` more samples, the parent's other limits binding."""
@@ -154,9 +156,15 @@ class Batch:
         s = state.spent
         limits: dict[str, Any] = {}
         used = {"generations": s.generations, "input_tokens": s.input_tokens, "output_tokens": s.output_tokens,
-                "total_tokens": s.input_tokens + s.output_tokens, "usd": float(s.usd)}
+                "total_tokens": s.input_tokens + s.output_tokens, "usd": float(s.usd), "tool_calls": s.tool_calls}
+        worst = {u: float(v) for u, v in share.items()}
         for unit, amount in share.items():
             extra = int(amount) if unit != "usd" else amount
+            if unit == "tool_calls" and extra <= 0:
+                # no whole tool call to give: the prompt may still answer without one, bound by the
+                # parent alone (so its round runs alone: it could take every tool call left)
+                worst[unit] = float("inf")
+                continue
             if extra <= 0:
                 return None
             limits[unit] = used[unit] + extra
@@ -167,7 +175,7 @@ class Batch:
         if not limits:  # only a deadline: the child runs until the parent's deadline
             seconds = self.ledger.seconds_left()
             return Grant(Budget(seconds=max(seconds or 0.0, 1e-6)))
-        return Grant(Budget(**limits), None, {u: float(v) for u, v in share.items()})
+        return Grant(Budget(**limits), None, worst)
 
 
 class Policy:
