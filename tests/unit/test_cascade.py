@@ -268,6 +268,8 @@ def test_a_batch_cascade_escalates_the_least_confident_first_as_far_as_the_total
     assert models == {"settled a": {"cheap"}, "split b": {"cheap", "dear"}, "leaning c": {"cheap"}}
     answers = {o.item.prompt: o.result.answer for o in tight.outcomes}
     assert answers == {"settled a": "1", "split b": "7", "leaning c": "4"}  # the last model's vote, or the cheap one
+    assert {o.item.prompt: o.result.model for o in tight.outcomes} == \
+        {"settled a": "cheap", "split b": "dear", "leaning c": "cheap"}
     assert not tight.spent.violations(tight.budget)
 
 

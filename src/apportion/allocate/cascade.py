@@ -162,8 +162,10 @@ def _result(contexts: Sequence[RunContext], candidates: Sequence[Candidate], mai
     if result_tally is not None and result_tally.winner_index is not None:
         response = result_tally.candidates[result_tally.winner_index].text
     view = replace(ctx, error=main.error, stop_reason=main.stop_reason)
-    return view.result(answer=winner, response=response, candidates=voted,
-                       distribution=result_tally.distribution if result_tally is not None else {}, final=final)
+    result = view.result(answer=winner, response=response, candidates=voted,
+                         distribution=result_tally.distribution if result_tally is not None else {}, final=final)
+    # resumed on a model the budget then refused: the vote is an earlier model's, and says so
+    return result if deciding is None or result.model == deciding else replace(result, model=deciding)
 
 
 @dataclass
