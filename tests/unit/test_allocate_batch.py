@@ -191,7 +191,7 @@ def test_think_routing_answers_easy_prompts_directly_and_reasons_on_the_rest():
         return "working it out step by step, so the answer is 7"
 
     backend = ScriptedBackend(reply)
-    policy = make_policy("marginal-gain", probe=2, horizon=16, think=ThinkRoute())
+    policy = make_policy("marginal-gain", probe=2, horizon=16, think=ThinkRoute(keep_votes=False))
     result = asyncio.run(answer_batch(
         _items([EASY, SPLIT]), backend, Budget(generations=10), policy, lambda name: make_algorithm(name, SAMPLING),
         max_tokens=SAMPLING.max_tokens, system_prompt=SAMPLING.system_prompt, seed=0, max_samples=16))
@@ -200,6 +200,8 @@ def test_think_routing_answers_easy_prompts_directly_and_reasons_on_the_rest():
     assert easy.result.answer == "4"
     assert "routed" not in hard.allocation and hard.allocation["algorithm"] == "self-consistency"
     assert hard.result.spent.generations > 2 and hard.result.answer == "7"
+    # the direct probe is paid for but no longer votes once the prompt reasons
+    assert len(hard.result.candidates) == hard.result.spent.generations - 2
     assert sorted(set(direct_calls)) == [EASY, SPLIT]  # only the probe was direct
     with pytest.raises(ConfigError, match="probe"):
         make_policy("uniform", think=ThinkRoute())

@@ -48,6 +48,9 @@ class Grant:
     """The most this round can spend, per unit (None: bounded by ``budget`` itself)."""
     model: str | None = None
     """The model (a key of ``answer_batch``'s ``backends``) this round runs on; None: the batch's backend."""
+    fresh: bool = False
+    """Start the prompt's vote afresh: its earlier candidates (a probe of another kind) are kept in
+    its spend but no longer vote."""
 
 
 @dataclass
@@ -275,7 +278,8 @@ async def answer_batch(
         try:
             async with limit:
                 state.result = await runner.run(Work(make_algorithm(state.algorithm), lm, state.item.prompt,
-                                                     state.ledger, run_seed, state.candidates, cap))
+                                                     state.ledger, run_seed,
+                                                     () if grant.fresh else state.candidates, cap))
         except RunFailed as exc:  # nothing drawn this round; the attempts' spend is in the ledger
             state.result = exc.result if exc.result.candidates or state.result is None else state.result
             state.error, state.done = f"line {state.item.line}: {exc}", True

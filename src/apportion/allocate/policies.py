@@ -94,6 +94,10 @@ class ThinkRoute:
     algorithm: str = "direct"
     model: str | None = None
     agree: int = 2
+    keep_votes: bool = True
+    """Whether the direct answers of a prompt routed to reasoning still vote there. Dropping them
+    (False) measured no better on Qwen 0.5B (82.0% against 82.9% at 454 tokens per question,
+    57.1 against 61.5 at 250): what hurts there is the routing itself."""
 
     def settled(self, evidence: Evidence) -> bool:
         return (evidence.samples >= self.agree and evidence.unanswered == 0 and len(evidence.counts) == 1)
@@ -215,6 +219,14 @@ class Probing(Policy):
     def strategy(self, state: PromptState) -> str | None:
         return self.table.bins[state.bin].algorithm if state.bin is not None else None
 
+    def grant(self, batch: Batch, state: PromptState, k: int) -> Grant:
+        """``k`` more samples with the prompt's bin strategy; the first after a direct probe
+        starts the vote afresh unless routing keeps the direct votes."""
+        grant = batch.with_samples(state, k, self.strategy(state))
+        if self.think is not None and not self.think.keep_votes and state.rounds == 1:
+            grant = replace(grant, fresh=True)
+        return grant
+
 
 @dataclass
 class MarginalGain(Probing):
@@ -240,8 +252,7 @@ class MarginalGain(Probing):
         costs = costs if units else [1.0] * len(live)
         plan = allocate([p.estimate for p in live if p.estimate], costs, budget, lookahead=self.lookahead,
                         maximum=self.horizon)
-        return {p.index: batch.with_samples(p, min(k, self.step), self.strategy(p))
-                for p, k in zip(live, plan.samples) if k > 0}
+        return {p.index: self.grant(batch, p, min(k, self.step)) for p, k in zip(live, plan.samples) if k > 0}
 
 
 @dataclass
@@ -272,7 +283,7 @@ class DifficultyBins(Probing):
         costs = {p.index: batch.sample_cost(p) for p in live}
         x = min(float(getattr(rem, u)) / max(1e-12, sum(weights[p.index] * costs[p.index][u] for p in live))
                 for u in units)
-        grants = {p.index: batch.with_samples(p, math.floor(weights[p.index] * x), self.strategy(p))
+        grants = {p.index: self.grant(batch, p, math.floor(weights[p.index] * x))
                   for p in live if math.floor(weights[p.index] * x) >= 1}
         if grants:
             return grants
@@ -282,7 +293,7 @@ class DifficultyBins(Probing):
                 break
             for u in units:
                 spent[u] += costs[p.index][u]
-            grants[p.index] = batch.with_samples(p, 1, self.strategy(p))
+            grants[p.index] = self.grant(batch, p, 1)
         return grants
 
 
