@@ -21,7 +21,7 @@ import numpy as np
 from apportion.algorithms.base import Algorithm, SamplingOptions
 from apportion.algorithms.registry import make_algorithm
 from apportion.allocate.difficulty import Estimator, quantile_edges
-from apportion.allocate.engine import answer_batch
+from apportion.allocate.engine import BatchResult, answer_batch
 from apportion.allocate.learned import LearnedEstimator
 from apportion.allocate.policies import BinStrategy, StrategyTable, ThinkRoute, make_policy
 from apportion.answers.equivalence import Equivalence
@@ -98,42 +98,20 @@ async def replay_policy(setup: ReplaySetup, policy: str, algorithm: str, *,
     ``compute-optimal`` without a ``table`` is cross-fitted over two folds."""
     if policy in TABLED and table is None:
         return await _cross_fitted(setup, policy, algorithm, questions)
-    bank = setup.bank
-    picked = list(questions) if questions is not None else list(range(len(bank.entries)))
-    sub = SampleBank([bank.entries[q] for q in picked], bank.meta)
-    grades = _Grades(sub, setup.equivalence)
-    sampling = replace(setup.sampling, logprobs=setup.sampling.logprobs and bank.has_logprobs)
-    scorer = SCORERS[setup.scorer](bank)
-    items = [Item(n + 1, e.problem.id, e.problem.question) for n, e in enumerate(sub.entries)]
-    total = _scaled(setup.mean, len(items))
-
-    def make(name: str) -> Algorithm:
-        made = make_algorithm(name, sampling, scorer)
-        made.equivalence = setup.equivalence
-        return made
-
     right, tokens, gens = [], [], []
     per_bin: dict[str, list[float]] = {}
-    think = ThinkRoute(model="direct") if setup.think_bank is not None and policy not in STREAMED else None
     for order in range(setup.orders):
-        chosen = make_policy(policy, probe=setup.probe, horizon=sub.k, table=table, equivalence=setup.equivalence,
-                             estimator=setup.estimator, think=think)
-        result = await answer_batch(items, ReplayBackend(sub, seed=setup.seed + order), total, chosen, make,
-                                    algorithm=algorithm, max_tokens=sampling.max_tokens,
-                                    system_prompt=sampling.system_prompt, concurrency=8,
-                                    seed=setup.seed + order, max_samples=sub.k,
-                                    backends=_think_backends(setup, questions, order) if think else None)
-        right.append([grades.correct(q, o.result.answer if o.result else None)
-                      for q, o in enumerate(result.outcomes)])
+        result, oks = await _one_batch(setup, policy, algorithm, questions, order, table)
+        right.append(oks)
         tokens.append(result.spent.input_tokens + result.spent.output_tokens)
         gens.append(result.spent.generations)
-        for o, ok in zip(result.outcomes, right[-1]):
-            b = str((o.allocation or {}).get("bin"))
-            per_bin.setdefault(b, []).append(float(ok))
+        for o, ok in zip(result.outcomes, oks):
+            per_bin.setdefault(str((o.allocation or {}).get("bin")), []).append(ok)
+    items = len(right[0])
     accuracies = [sum(r) / len(r) for r in right]
     return PolicyCell(policy, algorithm, tuple(sum(col) / len(right) for col in zip(*right)),
                       statistics.fmean(accuracies), statistics.pstdev(accuracies),
-                      statistics.fmean(tokens) / len(items), statistics.fmean(gens) / len(items), setup.orders,
+                      statistics.fmean(tokens) / items, statistics.fmean(gens) / items, setup.orders,
                       setup.mean, {b: {"accuracy": statistics.fmean(v), "prompts": len(v) / setup.orders}
                                    for b, v in sorted(per_bin.items())})
 
@@ -178,9 +156,19 @@ async def choose_table(setup: ReplaySetup, questions: Sequence[int], algorithms:
 
 async def _marginal_run(setup: ReplaySetup, algorithm: str, questions: Sequence[int],
                         order: int) -> list[tuple[dict[str, Any], float]]:
-    """(allocation, right) per question of one marginal-gain order over ``questions``."""
+    """(allocation, right) per question of one marginal-gain order over ``questions``, in orders
+    of its own (a development run never replays the orders its fold's evaluation will)."""
+    result, oks = await _one_batch(setup, "marginal-gain", algorithm, questions, 7_777 + order, None)
+    return [(o.allocation or {}, ok) for o, ok in zip(result.outcomes, oks)]
+
+
+async def _one_batch(setup: ReplaySetup, policy: str, algorithm: str, questions: Sequence[int] | None,
+                     order: int, table: StrategyTable | None) -> tuple[BatchResult, list[float]]:
+    """One replayed batch over the bank's ``questions`` (all by default) in serving order
+    ``order``, and whether each was answered right."""
     bank = setup.bank
-    sub = SampleBank([bank.entries[q] for q in questions], bank.meta)
+    picked = list(questions) if questions is not None else list(range(len(bank.entries)))
+    sub = SampleBank([bank.entries[q] for q in picked], bank.meta)
     grades = _Grades(sub, setup.equivalence)
     sampling = replace(setup.sampling, logprobs=setup.sampling.logprobs and bank.has_logprobs)
     scorer = SCORERS[setup.scorer](bank)
@@ -191,16 +179,16 @@ async def _marginal_run(setup: ReplaySetup, algorithm: str, questions: Sequence[
         made.equivalence = setup.equivalence
         return made
 
-    think = ThinkRoute(model="direct") if setup.think_bank is not None else None
-    policy = make_policy("marginal-gain", probe=setup.probe, horizon=sub.k, equivalence=setup.equivalence,
+    think = ThinkRoute(model="direct") if setup.think_bank is not None and policy not in STREAMED else None
+    chosen = make_policy(policy, probe=setup.probe, horizon=sub.k, table=table, equivalence=setup.equivalence,
                          estimator=setup.estimator, think=think)
-    result = await answer_batch(items, ReplayBackend(sub, seed=setup.seed + 7_777 + order),
-                                _scaled(setup.mean, len(items)), policy, make, algorithm=algorithm,
-                                max_tokens=sampling.max_tokens, system_prompt=sampling.system_prompt,
-                                concurrency=8, seed=setup.seed + order, max_samples=sub.k,
-                                backends=_think_backends(setup, questions, 7_777 + order) if think else None)
-    return [(o.allocation or {}, float(grades.correct(q, o.result.answer if o.result else None)))
-            for q, o in enumerate(result.outcomes)]
+    result = await answer_batch(items, ReplayBackend(sub, seed=setup.seed + order), _scaled(setup.mean, len(items)),
+                                chosen, make, algorithm=algorithm, max_tokens=sampling.max_tokens,
+                                system_prompt=sampling.system_prompt, concurrency=8, seed=setup.seed + order,
+                                max_samples=sub.k,
+                                backends=_think_backends(setup, questions, order) if think else None)
+    return result, [float(grades.correct(q, o.result.answer if o.result else None))
+                    for q, o in enumerate(result.outcomes)]
 
 
 SELECTORS = ("self-consistency", "best-of-n", "weighted-best-of-n")
