@@ -106,7 +106,6 @@ class Batch:
     ledger: Ledger
     price: Price
     max_tokens: int
-    default_algorithm: str
     max_samples: int | None = None
     """The most samples any one prompt may draw in all (a bank's samples per question)."""
     round: int = 0
@@ -257,11 +256,11 @@ async def answer_batch(
     states = [PromptState(i, item) for i, item in enumerate(items)]
     for state in states:
         if state.item.prompt is not None:
-            state.prompt_tokens = await backend.prompt_tokens(Prompt.chat(state.item.prompt, system=system_prompt))
+            chat = Prompt.chat(state.item.prompt, system=system_prompt)
+            state.prompt_tokens = await backend.prompt_tokens(chat)
             for name, named in (backends or {}).items():
-                state.model_prompt_tokens[name] = await named.prompt_tokens(
-                    Prompt.chat(state.item.prompt, system=system_prompt))
-    batch = Batch(states, parent, backend.price, max_tokens, algorithm, max_samples, backends=dict(backends or {}))
+                state.model_prompt_tokens[name] = await named.prompt_tokens(chat)
+    batch = Batch(states, parent, backend.price, max_tokens, max_samples, backends=dict(backends or {}))
     limit = asyncio.Semaphore(concurrency)
     runner = executor or LocalExecutor()
 
@@ -290,7 +289,7 @@ async def answer_batch(
         if result is not None and (result.stop_reason is not None or result.error is not None):
             state.done = True  # a stopping rule settled it, or its backend failed: no more top-ups
             state.error = state.error or (None if result.error is None else f"line {state.item.line}: {result.error}")
-        if result is not None and not result.candidates and state.ledger.spend().generations == 0:
+        if result is not None and not result.candidates and state.spent.generations == 0:
             state.done = True  # the budget could not fit even one sample of it
 
     for round_no in range(max_rounds):

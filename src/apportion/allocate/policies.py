@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -180,15 +181,7 @@ class Probing(Policy):
         if k >= 1:
             return {p.index: self._probe_grant(batch, p, k) for p in active}
         batch.notes.append("the budget is below one probe sample per prompt: the first prompts got one each")
-        grants, spent = {}, dict.fromkeys(batch.planned_units(), 0.0)
-        for p in active:
-            cost = batch.sample_cost(p)
-            if any(spent[u] + cost[u] > float(getattr(rem, u)) for u in spent):
-                break
-            for u in spent:
-                spent[u] += cost[u]
-            grants[p.index] = self._probe_grant(batch, p, 1)
-        return grants
+        return _one_each_while_it_fits(batch, active, lambda p: self._probe_grant(batch, p, 1))
 
     def _probe_grant(self, batch: Batch, state: PromptState, k: int) -> Grant:
         grant = batch.with_samples(state, k)
@@ -244,12 +237,14 @@ class MarginalGain(Probing):
         rem, units = batch.remaining(), batch.planned_units()
         if not live or any(float(getattr(rem, u)) <= 0 for u in units):
             return {}
-        # one budget of 1: a sample costs its largest fraction of what is left in any unit
-        # a sample that costs nothing in every planned unit (a bank without token counts) still costs a little,
-        # so the greedy's gain per cost stays finite
-        costs = [max([batch.sample_cost(p)[u] / float(getattr(rem, u)) for u in units] + [1e-9]) for p in live]
-        budget = 1.0 if units else float(len(live) * self.step)
-        costs = costs if units else [1.0] * len(live)
+        if units:
+            # one budget of 1: a sample costs its largest fraction of what is left in any unit; one that
+            # costs nothing in every unit (a bank without token counts) still costs a little, so the
+            # greedy's gain per cost stays finite
+            costs = [max([batch.sample_cost(p)[u] / float(getattr(rem, u)) for u in units] + [1e-9]) for p in live]
+            budget = 1.0
+        else:  # only a deadline binds: a round of at most ``step`` samples each, the deadline ends it
+            costs, budget = [1.0] * len(live), float(len(live) * self.step)
         plan = allocate([p.estimate for p in live if p.estimate], costs, budget, lookahead=self.lookahead,
                         maximum=self.horizon)
         return {p.index: self.grant(batch, p, min(k, self.step)) for p, k in zip(live, plan.samples) if k > 0}
@@ -287,14 +282,8 @@ class DifficultyBins(Probing):
                   for p in live if math.floor(weights[p.index] * x) >= 1}
         if grants:
             return grants
-        spent = dict.fromkeys(units, 0.0)
-        for p in sorted(live, key=lambda p: (p.spent.generations / weights[p.index], p.index)):
-            if any(spent[u] + costs[p.index][u] > float(getattr(rem, u)) for u in units):
-                break
-            for u in units:
-                spent[u] += costs[p.index][u]
-            grants[p.index] = self.grant(batch, p, 1)
-        return grants
+        behind = sorted(live, key=lambda p: (p.spent.generations / weights[p.index], p.index))
+        return _one_each_while_it_fits(batch, behind, lambda p: self.grant(batch, p, 1))
 
 
 @dataclass
@@ -303,6 +292,22 @@ class EqualSamples(DifficultyBins):
     fair baseline for allocation, pooled as the allocating policies pool it, split evenly."""
 
     name: str = "equal-samples"
+
+
+def _one_each_while_it_fits(batch: Batch, prompts: list[PromptState],
+                            grant: Callable[[PromptState], Grant]) -> dict[int, Grant]:
+    """One more sample for each of ``prompts``, in their order, while the expected costs of those
+    granted so far fit what the parent has left in every planned unit."""
+    rem, units = batch.remaining(), batch.planned_units()
+    grants, spent = {}, dict.fromkeys(units, 0.0)
+    for p in prompts:
+        cost = batch.sample_cost(p)
+        if any(spent[u] + cost[u] > float(getattr(rem, u)) for u in units):
+            break
+        for u in units:
+            spent[u] += cost[u]
+        grants[p.index] = grant(p)
+    return grants
 
 
 POLICIES = ("uniform", "front-load", "back-load", "equal-samples", "difficulty-bins", "marginal-gain",
