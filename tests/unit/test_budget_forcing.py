@@ -236,3 +236,11 @@ async def test_a_failed_continuation_keeps_the_solution_drawn_and_says_so():
     assert result.partial and "server gone" in result.error
     assert result.answer == "42" and result.candidates[0].text == "17 and 25 make 42. "  # no dangling "Wait"
     assert any("ended by a failure" in n for n in result.notes)
+
+
+async def test_a_copied_placeholder_is_no_answer_here_too():
+    """Budget forcing reads its answers as every run does: "N" from "The answer is N" is none."""
+    lm = ScriptedBackend(by_call("Add 17 and 25. The answer is", " N."))
+    sampling = SamplingOptions(system_prompt="End with 'The answer is N'.", max_tokens=64, min_tokens=1)
+    result = await forcing(sampling=sampling).run(lm, QUESTION, Budget(generations=1))
+    assert result.answer is None and result.candidates[0].answer is None

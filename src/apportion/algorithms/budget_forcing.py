@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from apportion.algorithms.base import Algorithm, RunContext, SamplingOptions
 from apportion.algorithms.voting import tally
 from apportion.answers.equivalence import Equivalence
-from apportion.answers.extract import read_answer
+from apportion.answers.extract import read_answer_for
 from apportion.budget.ledger import Ledger, Remaining
 from apportion.budget.units import Budget, Price
 from apportion.errors import BackendError, BudgetExhausted, ConfigError
@@ -148,8 +148,7 @@ class BudgetForcing(Algorithm):
         done: list[_Solution] = []
 
         def current(final: bool) -> Result:
-            model = ctx.lm.backend.model
-            candidates = [*prior, *(self._candidate(sol, model) for sol in sorted(done, key=lambda s: s.index))]
+            candidates = [*prior, *(self._candidate(ctx, sol) for sol in sorted(done, key=lambda s: s.index))]
             t = tally(candidates, ctx.equivalence)
             response = t.candidates[t.winner_index].text if t.winner_index is not None else None
             if final:
@@ -322,18 +321,19 @@ class BudgetForcing(Algorithm):
         answer_in = (await backend.prompt_tokens(prompt.continued(tail)) - p if tail else 0) + _JOIN_SLACK
         return thinking_room(ctx.ledger.remaining(), p, answer_in, self.options.answer_tokens, backend.price, share)
 
-    def _candidate(self, sol: _Solution, model: str) -> Candidate:
+    def _candidate(self, ctx: RunContext, sol: _Solution) -> Candidate:
+        # read as every candidate of a run is read (RunContext.candidate): a copied placeholder is no answer
         if sol.answer_text is not None and sol.answer_prefix is not None:
             text = _join(sol.thinking, sol.answer_prefix) + sol.answer_text if sol.answer_prefix else \
                 sol.thinking + sol.answer_text
-            found = read_answer(sol.answer_prefix + sol.answer_text)
+            found = read_answer_for(sol.answer_prefix + sol.answer_text, ctx.placeholder)
             if found[0] is None:
-                found = read_answer(text)
+                found = read_answer_for(text, ctx.placeholder)
         else:
-            text, found = sol.thinking, read_answer(sol.thinking)
+            text, found = sol.thinking, read_answer_for(sol.thinking, ctx.placeholder)
         logprobs = tuple(sol.logprobs) if sol.logprobs else None
         sample = Sample(text, sol.finish, sol.tokens, logprobs, reasoning=sol.thinking)
-        return Candidate.from_sample(sample, *found, model)
+        return Candidate.from_sample(sample, *found, ctx.lm.backend.model)
 
     def _note(self, sol: _Solution) -> str:
         opts = self.options

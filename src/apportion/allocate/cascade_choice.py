@@ -32,7 +32,7 @@ from apportion.allocate.cascade import CONFIDENCES, confidence
 from apportion.allocate.models import ModelCost
 from apportion.allocate.scaling import ScalingLaw
 from apportion.answers.equivalence import Equivalence
-from apportion.answers.extract import placeholder_in, read_answer
+from apportion.answers.extract import placeholder_in, read_answer_for
 from apportion.banks import BankSample, SampleBank
 from apportion.budget.units import Price
 from apportion.errors import ConfigError
@@ -151,9 +151,7 @@ def simulate(stages: Sequence[StageBank], *, orders: int = 20, seed: int = 0,
 
 def _candidate(sample: BankSample, model: str, placeholder: str | None) -> Candidate:
     """The candidate a live run makes of this sample (its answer read again, as a run reads it)."""
-    answer, raw, method = read_answer(sample.text)
-    if raw is not None and placeholder is not None and raw.strip() == placeholder:
-        answer = raw = method = None
+    answer, raw, method = read_answer_for(sample.text, placeholder)
     return Candidate(sample.text, answer, raw, method, sample.finish_reason, sample.output_tokens,
                      sample.mean_logprob, model=model)
 
