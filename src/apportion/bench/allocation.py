@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-
 from apportion.algorithms.base import Algorithm, SamplingOptions
 from apportion.algorithms.registry import make_algorithm
 from apportion.allocate.difficulty import Estimator, quantile_edges
@@ -28,6 +26,7 @@ from apportion.answers.equivalence import Equivalence
 from apportion.banks import SampleBank
 from apportion.batch import Item
 from apportion.bench.replay import SCORERS, _Grades
+from apportion.bench.stats import bootstrap_interval, paired_difference
 from apportion.budget.units import Budget
 from apportion.errors import ConfigError
 from apportion.lm.replay import ReplayBackend
@@ -240,27 +239,6 @@ def _scaled(mean: Budget, questions: int) -> Budget:
         if value is not None:
             out[unit] = value * questions if unit == "usd" else round(value * questions)
     return Budget(**out)
-
-
-def bootstrap_interval(values: Sequence[float], *, draws: int = 2000, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (resampling questions)."""
-    if not values:
-        return (float("nan"), float("nan"))
-    arr = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = arr[rng.integers(0, len(arr), size=(draws, len(arr)))].mean(axis=1)
-    tail = (1 - level) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
-    """Mean of a - b over the same questions, with its bootstrap interval."""
-    if len(a) != len(b):
-        raise ConfigError("a paired comparison needs the same questions on both sides")
-    diff = [x - y for x, y in zip(a, b)]
-    low, high = bootstrap_interval(diff)
-    return statistics.fmean(diff), low, high
 
 
 async def compare_policies(setup: ReplaySetup, policies: Sequence[str], algorithms: Sequence[str]) -> dict[str, Any]:

@@ -43,8 +43,8 @@ from apportion.allocate.models import ModelCost, cost_table
 from apportion.answers.equivalence import Equivalence
 from apportion.banks import SampleBank
 from apportion.batch import Item
-from apportion.bench.allocation import bootstrap_interval, paired_difference
 from apportion.bench.replay import _Grades
+from apportion.bench.stats import bootstrap_interval, paired_difference
 from apportion.budget.units import Budget
 from apportion.errors import ConfigError
 from apportion.lm.replay import ReplayBackend

@@ -23,15 +23,9 @@ from apportion.algorithms.base import SamplingOptions
 from apportion.algorithms.prompting import PROMPT_MODES, parse_prompt_mode
 from apportion.answers.equivalence import Equivalence
 from apportion.banks import SampleBank
-from apportion.bench.allocation import (
-    SELECTORS,
-    PolicyCell,
-    ReplaySetup,
-    bootstrap_interval,
-    paired_difference,
-    replay_policy,
-)
+from apportion.bench.allocation import SELECTORS, PolicyCell, ReplaySetup, replay_policy
 from apportion.bench.replay import SCORERS, bank_prompt_mode, bank_sampling
+from apportion.bench.stats import bootstrap_interval, paired_difference
 from apportion.budget.units import Budget
 from apportion.errors import ConfigError
 

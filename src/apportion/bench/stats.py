@@ -6,6 +6,10 @@ gives each question a rate (right in this fraction of the orders): the normal in
 mean of those rates over questions. Both describe sampling of *questions*; the spread over replay
 orders is reported beside them, not folded in.
 
+Policies, cascades and prompt x strategy pairs are compared on the same questions: a percentile
+bootstrap over questions (``bootstrap_interval``) and the paired difference of two per-question
+series (``paired_difference``).
+
 Also here: the Anytime Index of a curve of accuracy against budget (``anytime_index``).
 """
 
@@ -15,6 +19,10 @@ import itertools
 import math
 import statistics
 from collections.abc import Sequence
+
+import numpy as np
+
+from apportion.errors import ConfigError
 
 Z95 = 1.959963984540054
 
@@ -60,3 +68,24 @@ def anytime_index(points: Sequence[tuple[float, float]]) -> float | None:
             return None
         slopes.append((q1 - q0) / (b1 - b0))
     return statistics.fmean(slopes)
+
+
+def bootstrap_interval(values: Sequence[float], *, draws: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling questions)."""
+    if not values:
+        return (float("nan"), float("nan"))
+    arr = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, len(arr), size=(draws, len(arr)))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of a - b over the same questions, with its bootstrap interval."""
+    if len(a) != len(b):
+        raise ConfigError("a paired comparison needs the same questions on both sides")
+    diff = [x - y for x, y in zip(a, b)]
+    low, high = bootstrap_interval(diff)
+    return statistics.fmean(diff), low, high
