@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from apportion.algorithms.voting import tally
 from apportion.allocate.difficulty import AgreementEstimator, Estimate, Evidence, simulate
 from apportion.answers.equivalence import Equivalence
 from apportion.answers.extract import placeholder_in, read_answer_for
@@ -119,7 +120,7 @@ def training_rows(bank: SampleBank, equivalence: Equivalence, *, orders: int = 4
             for k in range(1, len(order) + 1):
                 seen = order[:k]
                 ev = Evidence.of(seen, equivalence)
-                winner = _winner(seen, equivalence)
+                winner = tally(seen, equivalence).winner
                 votes = np.array([[*ev.counts, 0]], dtype=float)
                 features.append(vote_features(votes, np.array([ev.unanswered], dtype=float), ev.mean_logprob,
                                               ev.mean_tokens)[0])
@@ -149,8 +150,3 @@ def _candidate(text: str, tokens: int, mean_logprob: float | None, placeholder: 
     answer, raw, method = read_answer_for(text, placeholder)
     return Candidate(text, answer, raw, method, "stop", tokens, mean_logprob)
 
-
-def _winner(candidates: Sequence[Candidate], equivalence: Equivalence) -> str | None:
-    from apportion.algorithms.voting import tally
-
-    return tally(candidates, equivalence).winner
