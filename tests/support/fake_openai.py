@@ -4,7 +4,8 @@ Tokens are whitespace-separated words, as in the scripted backend, so tests can 
 Faults are consumed one per request, in order: "400", "500", "429", "timeout" (answers only after the
 client has given up), "malformed" (200 with a broken body), "nochoices", "disconnect" (closes
 the connection without a reply). The server keeps an exact account of what it billed: the usage
-of every well-formed 200 response it sent.
+of every well-formed 200 response it sent, and when each request arrived and how many were in
+flight at once (``arrivals``, ``peak_in_flight``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class Billing:
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # a burst of concurrent connections is not refused by the listen backlog
+
+
 class FakeOpenAI:
     def __init__(self, reply: ReplyFn | None = None, *, honor_n: bool = True, usage: bool = True,
                  logprobs: bool = True, model: str = "fake-model", faults: list[str] | None = None,
@@ -51,6 +56,10 @@ class FakeOpenAI:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._counter = 0
+        self.arrivals: list[float] = []
+        """time.monotonic() at which each request's body was read, in the order of billing.bodies."""
+        self.in_flight = 0
+        self.peak_in_flight = 0
 
     @property
     def base_url(self) -> str:
@@ -78,7 +87,17 @@ class FakeOpenAI:
                 with fake._lock:
                     fake.billing.requests += 1
                     fake.billing.bodies.append(body)
+                    fake.arrivals.append(time.monotonic())
+                    fake.in_flight += 1
+                    fake.peak_in_flight = max(fake.peak_in_flight, fake.in_flight)
                     fault = fake.faults.pop(0) if fake.faults else "ok"
+                try:
+                    self._answer(body, fault)
+                finally:
+                    with fake._lock:
+                        fake.in_flight -= 1
+
+            def _answer(self, body: dict[str, Any], fault: str) -> None:
                 if fake.delay_s:
                     time.sleep(fake.delay_s)
                 if fault == "500":
@@ -120,7 +139,7 @@ class FakeOpenAI:
                     if not ignore_errors:
                         raise
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()

@@ -12,6 +12,15 @@ a reply left out). Servers lie, so what comes back is checked, not trusted:
   a reply cut off, a 200 without usable choices) may have been billed: they are raised with what
   they cost, or with the cost unknown, for the ledger to charge, and retried by the caller.
 - Other 4xx are not retried, and the server's message is surfaced.
+- Requests run concurrently on at most ``max_concurrency`` connections (a server that batches,
+  such as vLLM, SGLang or llama.cpp's with several slots, decodes them together); the rest wait
+  for a free one without being sent.
+- ``prefix_order``: a request whose prompt shares a long prefix (``prefix_share_min_chars``) with
+  one just sent is held until that one completes or has been on the wire ``prefix_hold_s``, so
+  that the server's prefix cache (vLLM's automatic prefix caching, SGLang's radix cache,
+  llama.cpp's ``cache_prompt``) has computed the prefix before the followers arrive instead of
+  every one of them prefilling it at once (``lm/prefix_order.py``). Prompts that share nothing
+  are never held.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from apportion.lm._loop import LoopLocal
 from apportion.lm.base import Capabilities, Completion, Prompt, SamplingParams
 from apportion.lm.http_reply import read_reply
 from apportion.lm.n_support import NSupport
+from apportion.lm.prefix_order import DEFAULT_HOLD_S, DEFAULT_MIN_CHARS, PrefixOrder, Ticket, server_view
 
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 # Failures before the request could reach the server: nothing was generated, so nothing is billed.
@@ -70,6 +80,17 @@ class HTTPOptions:
     backoff_s: float = 0.5
     max_backoff_s: float = 20.0
     max_concurrency: int = 16
+    """Requests in flight at once (connections); more wait for a free one, unsent."""
+    prefix_order: bool = True
+    """Hold a request whose prompt shares ``prefix_share_min_chars`` or more with one just sent
+    until that one completes or has been sent ``prefix_hold_s`` ago, so that server prefix caches
+    hit (``lm/prefix_order.py``)."""
+    prefix_share_min_chars: int = DEFAULT_MIN_CHARS
+    """Shortest shared prefix worth a hold, in characters of the messages as sent (role, content,
+    in order, then the assistant prefix)."""
+    prefix_hold_s: float = DEFAULT_HOLD_S
+    """Longest hold after the leader was sent: about the time a batching server takes to prefill
+    a shared prefix of a few thousand tokens."""
     native_n: bool | None = None
     """None: decide from the server's replies (``n_support``); True/False: trust this."""
     logprobs: bool | None = None
@@ -91,12 +112,21 @@ class HTTPOptions:
             raise ConfigError(f"continuation must be one of {CONTINUATION_MODES}, got {self.continuation!r}")
         if self.max_retries < 0 or self.max_concurrency < 1:
             raise ConfigError("max_retries >= 0 and max_concurrency >= 1 are required")
+        if self.prefix_share_min_chars < 1 or not 0 <= self.prefix_hold_s < float("inf"):
+            raise ConfigError(f"prefix_share_min_chars >= 1 and 0 <= prefix_hold_s < inf are required, got "
+                              f"{self.prefix_share_min_chars} and {self.prefix_hold_s}")
         if not (self.timeout_s > 0 and self.connect_timeout_s > 0):
             raise ConfigError(f"timeouts must be > 0 seconds, got {self.connect_timeout_s} (connect) and "
                               f"{self.timeout_s} (reply)")
 
 
 class OpenAIHTTPBackend:
+    """``generate`` is one request, sent on one of ``max_concurrency`` connections; concurrent
+    calls are in flight together (a batching server decodes them together). With
+    ``prefix_order`` (the default) a call whose prompt shares ``prefix_share_min_chars`` or more
+    with a request sent less than ``prefix_hold_s`` ago, still running, waits for it first, so
+    that it reads the shared prefix from the server's cache (``lm/prefix_order.py``)."""
+
     def __init__(self, options: HTTPOptions) -> None:
         self.options = options
         self._base = options.base_url.rstrip("/")
@@ -108,6 +138,8 @@ class OpenAIHTTPBackend:
         self._clients: LoopLocal[httpx.AsyncClient] = LoopLocal(self._make_client)
         self._limits: LoopLocal[asyncio.Semaphore] = LoopLocal(
             lambda: asyncio.Semaphore(options.max_concurrency))
+        self._orders: LoopLocal[PrefixOrder] = LoopLocal(
+            lambda: PrefixOrder(min_chars=options.prefix_share_min_chars, hold_s=options.prefix_hold_s))
 
     # -- protocol ------------------------------------------------------------------------------
 
@@ -151,7 +183,11 @@ class OpenAIHTTPBackend:
         failures: list[str] = []
         path, body = self._payload(prompt, params)
         prompt_bound = self._prompt_estimate(prompt)
-        data = await self._post(path, body, deadline, failures)
+        if self.options.prefix_order:
+            async with self._orders.get().admit(server_view(prompt), deadline) as ticket:
+                data = await self._post(path, body, deadline, failures, ticket)
+        else:
+            data = await self._post(path, body, deadline, failures)
         try:
             reply = read_reply(data, params, prompt_bound)
         except (ArithmeticError, RecursionError, TypeError, ValueError) as exc:  # absurd values in a well-formed body
@@ -299,13 +335,13 @@ class OpenAIHTTPBackend:
             limit.release()
 
     async def _post(self, path: str, body: dict[str, Any], deadline: float | None,
-                    failures: list[str]) -> dict[str, Any]:
+                    failures: list[str], ticket: Ticket | None = None) -> dict[str, Any]:
         """The reply's JSON body. Retries what cost nothing; raises what may have cost something."""
         o = self.options
         url = f"{self._base}{path}"
         for attempt in range(o.max_retries + 1):
             try:
-                outcome = await self._attempt(url, body, deadline)
+                outcome = await self._attempt(url, body, deadline, ticket)
             except BackendError as exc:
                 if failures:  # the retried failures before it belong to the story
                     exc.args = (f"{exc} (after {len(failures)} retried: {'; '.join(failures[:5])})",)
@@ -324,12 +360,14 @@ class OpenAIHTTPBackend:
             await asyncio.sleep(delay)
         raise BackendUnavailable(f"{url} failed after {len(failures)} attempt(s): {failures[-1]}")
 
-    async def _attempt(self, url: str, body: dict[str, Any],
-                       deadline: float | None) -> dict[str, Any] | tuple[str, float | None]:
+    async def _attempt(self, url: str, body: dict[str, Any], deadline: float | None,
+                       ticket: Ticket | None = None) -> dict[str, Any] | tuple[str, float | None]:
         """One request: the parsed body, or (why, Retry-After) for a failure that cost nothing.
         Failures that may have cost something, and those retrying cannot cure, are raised."""
         o = self.options
         async with self._slot(url, deadline):
+            if ticket is not None:
+                ticket.sent()  # its prefill starts: the hold of the requests behind it runs from now
             wait, by_deadline = o.timeout_s, False
             if deadline is not None:
                 left = deadline - time.monotonic()
