@@ -1,10 +1,11 @@
 """The embedded backend: llama.cpp in-process, SmolLM2-135M-Instruct by default, offline.
 
-The ``n`` samples of a request are decoded together: the prompt is decoded once into sequence 0
-and its KV entries copied to each sample's sequence, then each step puts one token per live
-sequence into a single ``llama_batch``; each sequence has its own random stream (seed + index).
-The prompt of the previous request stays in sequence 0 as a prefix cache, so repeated rounds on
-one prompt (and step-wise search that extends a prefix) skip its prefill.
+Every request in flight shares one decode loop (``lm.scheduler``): concurrent ``generate`` calls,
+the ``n`` samples of each and the paths of a search are decoded together, continuously batched,
+over one unified KV cache in which sequences share the cells of common prompt prefixes (the
+prefix cache keeps finished sequences' cells for later prompts; ``stats`` reports hit rates).
+Each sample has its own random stream (seed + index), so a sample does not depend on which other
+requests happened to be in flight, up to llama.cpp's batched arithmetic (see docs/engine.md).
 
 Log-probabilities are those of the sampled tokens under the model's own distribution
 (temperature 1), from a log-softmax over the full vocabulary; token confidences (``top_logprobs``)
@@ -23,6 +24,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,8 @@ import numpy as np
 
 from apportion.budget.units import Price, Usage
 from apportion.errors import BackendError, ConfigError, ModelNotFound
-from apportion.lm.base import Capabilities, Completion, Partial, Prompt, Sample, SamplingParams
-from apportion.lm.sampling import sample_token
+from apportion.lm.base import Capabilities, Completion, Prompt, SamplingParams
+from apportion.lm.scheduler import EngineStats, Outcome, Row, Scheduler, SchedulerOptions
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -58,17 +60,33 @@ def default_model_path() -> Path:
 class EmbeddedOptions:
     model_path: str | None = None
     model_name: str | None = None
-    seq_ctx: int = 2048
-    """Context of each sequence: its prompt plus its sample."""
+    seq_ctx: int = 4096
+    """Most tokens of one sequence: its prompt plus its sample (capped at the model's training context)."""
     parallel: int = 8
-    """Sequences decoded together; larger n runs in waves of this many."""
-    n_batch: int = 512
+    """Slots: sequences decoded together, over every request in flight; more wait in a queue."""
+    kv_cells: int = 16384
+    """The KV cache's size in tokens, for every sequence and the prefix cache together: the
+    engine's memory bound (SmolLM2-135M: 23 KB a token)."""
+    cache_cells: int = 8192
+    """Most KV cells that only the prefix cache holds."""
+    cache_entries: int = 32
+    """Most prefix-cache entries (0: no prefix cache across requests)."""
+    chunk: int = 256
+    """Most prompt tokens prefilled in one step beside the decoding sequences."""
     n_threads: int | None = None
+    max_queued: int = 4096
     price: Price = field(default_factory=Price)
 
     def __post_init__(self) -> None:
-        if self.seq_ctx < 256 or self.parallel < 1 or self.n_batch < 16:
-            raise ConfigError("seq_ctx >= 256, parallel >= 1 and n_batch >= 16 are required")
+        if self.seq_ctx < 256 or self.parallel < 1 or self.chunk < 16:
+            raise ConfigError("seq_ctx >= 256, parallel >= 1 and chunk >= 16 are required")
+        self.scheduler_options()
+
+    def scheduler_options(self, train_ctx: int | None = None) -> SchedulerOptions:
+        seq_ctx = min(self.seq_ctx, train_ctx or self.seq_ctx, self.kv_cells)
+        return SchedulerOptions(slots=self.parallel, kv_cells=self.kv_cells, cache_cells=self.cache_cells,
+                                cache_entries=self.cache_entries, chunk=self.chunk, seq_ctx=seq_ctx,
+                                max_queued=self.max_queued)
 
 
 class LlamaEmbeddedBackend:
@@ -100,6 +118,11 @@ class LlamaEmbeddedBackend:
         return Capabilities(native_n=True, logprobs=True, continuation=True, prefix_cache=True,
                             raw_prompt=True, exact_prompt_tokens=True, cut=True)
 
+    @property
+    def stats(self) -> EngineStats:
+        """The decode loop's counters (requests, prefix hits, peaks); zeros before loading."""
+        return self._engine.scheduler.stats if self._engine else EngineStats()
+
     def load(self) -> _Engine:
         with self._load_lock:
             if self._engine is None:
@@ -119,16 +142,17 @@ class LlamaEmbeddedBackend:
 
     async def generate(self, prompt: Prompt, params: SamplingParams, *,
                        deadline: float | None = None) -> Completion:
-        engine = await asyncio.to_thread(self.load)
-        cancel = threading.Event()
+        engine = self._engine if self._engine is not None else await asyncio.to_thread(self.load)
         started = time.monotonic()
-        task = asyncio.ensure_future(asyncio.to_thread(engine.generate, prompt, params, deadline, cancel))
-        try:
-            samples, prompt_len = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            cancel.set()  # the decode loop stops at its next step and frees its sequences
-            raise
-        usage = Usage(generations=len(samples), input_tokens=prompt_len,
+        tokens = engine.prompt_tokens(prompt)
+        base_seed = params.seed if params.seed is not None else secrets.randbits(31)
+        seeds = [(base_seed + i) & 0x7FFFFFFF for i in range(params.n)]
+        future = engine.scheduler.submit(tokens, params, seeds, deadline)
+        # Cancelling this coroutine cancels the future: the decode loop drops its sequences at
+        # its next step.
+        outcome: Outcome = await asyncio.wrap_future(future)
+        samples = outcome.samples
+        usage = Usage(generations=len(samples), input_tokens=outcome.prompt_tokens,
                       output_tokens=sum(s.output_tokens for s in samples))
         return Completion(tuple(samples), usage, self.model, time.monotonic() - started)
 
@@ -139,21 +163,8 @@ class LlamaEmbeddedBackend:
                 self._engine = None
 
 
-@dataclass(slots=True)
-class _Seq:
-    seq_id: int
-    rng: np.random.Generator
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    confidences: list[float] = field(default_factory=list)
-    data: bytearray = field(default_factory=bytearray)
-    text: str = ""
-    finish: str | None = None
-    batch_index: int = -1
-
-
 class _Engine:
-    """The llama.cpp model and context. Not thread-safe by itself: ``generate`` holds a lock."""
+    """The llama.cpp model, its context and the decode loop that owns the context."""
 
     def __init__(self, path: Path, options: EmbeddedOptions) -> None:
         self.lc = lc = _llama_cpp()
@@ -166,33 +177,33 @@ class _Engine:
             raise ModelNotFound(f"llama.cpp could not load {path}")
         self.vocab = lc.llama_model_get_vocab(self.model)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
-        self.parallel = options.parallel
+        sched = options.scheduler_options(lc.llama_model_n_ctx_train(self.model))
         threads = options.n_threads or max(1, os.cpu_count() or 1)
         cparams = lc.llama_context_default_params()
-        # One KV stream per sequence (sequence 0 holds the cached prompt): measured faster here
-        # than one unified cache, whose attention spans every sequence's cells.
-        cparams.n_ctx = options.seq_ctx * (options.parallel + 1)
-        cparams.n_batch = options.n_batch
-        cparams.n_ubatch = options.n_batch
-        cparams.n_seq_max = options.parallel + 1
+        # One unified KV cache: a prefix copied to another sequence is the same cells tagged
+        # twice (no copy, no memory), which a cache per sequence cannot do. Attention then spans
+        # other sequences' cells (masked), measured 7-10% slower per token at 8 sequences here.
+        cparams.n_ctx = sched.kv_cells
+        rows = sched.slots + sched.chunk
+        cparams.n_batch = cparams.n_ubatch = rows
+        cparams.n_seq_max = sched.seq_ids + 1
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        cparams.kv_unified = False
+        cparams.kv_unified = True
         cparams.no_perf = True
         self.ctx = lc.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             lc.llama_model_free(self.model)
             raise BackendError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens")
-        self.seq_ctx = lc.llama_n_ctx(self.ctx) // (options.parallel + 1)
-        self.n_batch = options.n_batch
         self.mem = lc.llama_get_memory(self.ctx)
-        self.batch = lc.llama_batch_init(max(options.n_batch, options.parallel + 1), 0, options.parallel + 1)
+        self.batch = lc.llama_batch_init(rows, 0, 1)
+        self.rows = rows
         template = lc.llama_model_chat_template(self.model, None)
         self.jinja = _compile_template(template.decode()) if template else None
         self.bos_text = self._special_text(lc.llama_vocab_bos(self.vocab))
         self.eos_text = self._special_text(lc.llama_vocab_eos(self.vocab))
-        self.lock = threading.Lock()
-        self.cached: list[int] = []  # tokens held by sequence 0 (the prefix cache)
+        self._pieces: dict[int, bytes] = {}
+        self.scheduler = Scheduler(self, sched)
 
     # -- text <-> tokens -----------------------------------------------------------------------
 
@@ -238,144 +249,48 @@ class _Engine:
         return buf.raw[: max(0, n)].decode("utf-8", errors="replace")
 
     def piece(self, token: int) -> bytes:
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
         buf = ctypes.create_string_buffer(64)
         n = self.lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = self.lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-        return buf.raw[:n]
+        self._pieces[token] = piece = buf.raw[:n]
+        return piece
 
-    # -- decoding ------------------------------------------------------------------------------
+    # -- the scheduler's model (called from its thread only) -------------------------------------
 
-    def generate(self, prompt: Prompt, params: SamplingParams, deadline: float | None,
-                 cancel: threading.Event) -> tuple[list[Sample], int]:
-        tokens = self.prompt_tokens(prompt)
-        if not tokens:
-            raise ConfigError("the prompt is empty after tokenization")
-        with self.lock:
-            per_seq = min(params.max_tokens, self.seq_ctx - len(tokens))
-            if per_seq < 1:
-                raise ConfigError(f"a prompt of {len(tokens)} tokens leaves no room in the "
-                                  f"{self.seq_ctx}-token context per sequence (raise seq_ctx)")
-            samples: list[Sample] = []
-            base_seed = params.seed if params.seed is not None else secrets.randbits(31)
-            for start in range(0, params.n, self.parallel):
-                if cancel.is_set() or (deadline is not None and time.monotonic() >= deadline):
-                    break
-                count = min(self.parallel, params.n - start)
-                seeds = [(base_seed + start + i) & 0x7FFFFFFF for i in range(count)]
-                samples += self._wave(tokens, params, per_seq, seeds, deadline, cancel)
-            return samples, len(tokens)
-
-    def _wave(self, tokens: list[int], params: SamplingParams, max_tokens: int, seeds: list[int],
-              deadline: float | None, cancel: threading.Event) -> list[Sample]:
-        lc = self.lc
-        seqs = [_Seq(i + 1, np.random.default_rng(seed)) for i, seed in enumerate(seeds)]
-        try:
-            self._prefill(tokens, [s.seq_id for s in seqs])
-            for i, s in enumerate(seqs):
-                s.batch_index = i
-            pos = len(tokens)
-            live = seqs
-            while live:
-                for s in live:
-                    self._step(s, params, max_tokens)
-                live = [s for s in live if s.finish is None]
-                if live and (cancel.is_set() or (deadline is not None and time.monotonic() >= deadline)):
-                    for s in live:
-                        s.finish = "deadline"
-                    break
-                if not live:
-                    break
-                self._fill(
-                    [(s.tokens[-1], pos + len(s.tokens) - 1, (s.seq_id,)) for s in live], logits_all=True)
-                for i, s in enumerate(live):
-                    s.batch_index = i
-                if lc.llama_decode(self.ctx, self.batch) != 0:
-                    raise BackendError("llama.cpp decode failed (context full?)")
-            return [self._sample(s, params) for s in seqs]
-        finally:
-            for s in seqs:
-                lc.llama_memory_seq_rm(self.mem, s.seq_id, -1, -1)
-
-    def _prefill(self, tokens: list[int], seq_ids: list[int]) -> None:
-        """Leave ``tokens`` in sequence 0 and every sequence of the wave; batch row i holds the
-        last token's logits for the wave's i-th sequence. Only the uncached part is decoded."""
-        lc = self.lc
-        common = 0
-        for a, b in zip(self.cached, tokens[:-1]):
-            if a != b:
-                break
-            common += 1
-        lc.llama_memory_seq_rm(self.mem, 0, common, -1)
-        self.cached = self.cached[:common]
-        head = tokens[:-1]
-        for start in range(common, len(head), self.n_batch):
-            chunk = head[start : start + self.n_batch]
-            self._fill([(t, start + i, (0,)) for i, t in enumerate(chunk)], logits_all=False)
-            if lc.llama_decode(self.ctx, self.batch) != 0:
-                self.cached = []
-                lc.llama_memory_seq_rm(self.mem, 0, -1, -1)
-                raise BackendError("llama.cpp could not decode the prompt (context too small?)")
-            self.cached = head[: start + len(chunk)]
-        for sid in seq_ids:
-            lc.llama_memory_seq_cp(self.mem, 0, sid, -1, -1)
-        self._fill([(tokens[-1], len(tokens) - 1, (sid,)) for sid in (*seq_ids, 0)], logits_all=True)
-        if lc.llama_decode(self.ctx, self.batch) != 0:
-            raise BackendError("llama.cpp could not decode the prompt's last token")
-        self.cached = list(tokens)
-
-    def _fill(self, rows: list[tuple[int, int, tuple[int, ...]]], logits_all: bool) -> None:
+    def decode(self, rows: Sequence[Row]) -> int:
         b = self.batch
         b.n_tokens = len(rows)
-        last = len(rows) - 1
-        for i, (token, pos, seq_ids) in enumerate(rows):
+        for i, (token, pos, seq_id, logits) in enumerate(rows):
             b.token[i] = token
             b.pos[i] = pos
-            b.n_seq_id[i] = len(seq_ids)
-            for j, sid in enumerate(seq_ids):
-                b.seq_id[i][j] = sid
-            b.logits[i] = 1 if (logits_all or i == last) else 0
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq_id
+            b.logits[i] = logits
+        return int(self.lc.llama_decode(self.ctx, b))
 
-    def _step(self, s: _Seq, params: SamplingParams, max_tokens: int) -> None:
-        lc = self.lc
-        row = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, s.batch_index), shape=(self.n_vocab,))
-        token, logprob, confidence = sample_token(row, params.temperature, params.top_p, s.rng,
-                                                  params.logprobs or params.cut is not None, params.top_logprobs)
-        if logprob is not None:
-            s.logprobs.append(logprob)
-        if confidence is not None:
-            s.confidences.append(confidence)
-        s.tokens.append(token)
-        if not params.ignore_eos and lc.llama_vocab_is_eog(self.vocab, token):
-            s.finish = "stop"
-            return
-        piece = self.piece(token)
-        s.data += piece
-        s.text = s.data.decode("utf-8", errors="ignore")
-        for stop in params.stop:
-            at = s.text.find(stop, max(0, len(s.text) - len(piece) - len(stop) - 4))
-            if at >= 0:
-                s.text, s.finish = s.text[:at], "stop"
-                return
-        if len(s.tokens) >= max_tokens:
-            s.finish = "length"
-        elif params.cut is not None and params.cut(Partial(s.text, s.logprobs, s.confidences)):
-            s.finish = "cut"
+    def logits(self, row: int) -> np.ndarray:
+        return np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
 
-    @staticmethod
-    def _sample(s: _Seq, params: SamplingParams) -> Sample:
-        text = s.text if s.finish == "stop" else s.data.decode("utf-8", errors="replace")
-        return Sample(text, s.finish or "length", len(s.tokens),
-                      tuple(s.logprobs) if s.logprobs and params.logprobs else None,
-                      tuple(s.confidences) if s.confidences else None)
+    def is_eog(self, token: int) -> bool:
+        return bool(self.lc.llama_vocab_is_eog(self.vocab, token))
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        self.lc.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
+
+    def seq_rm(self, seq: int, p0: int, p1: int) -> None:
+        self.lc.llama_memory_seq_rm(self.mem, seq, p0, p1)
 
     def close(self) -> None:
+        self.scheduler.close()
         lc = self.lc
-        with self.lock:
-            lc.llama_batch_free(self.batch)
-            lc.llama_free(self.ctx)
-            lc.llama_model_free(self.model)
+        lc.llama_batch_free(self.batch)
+        lc.llama_free(self.ctx)
+        lc.llama_model_free(self.model)
 
 
 class LlamaTokenizer:
