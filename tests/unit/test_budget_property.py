@@ -1,5 +1,6 @@
 """Attack the reserve/settle protocol: whatever the budget, algorithm and model output, no limit is
-ever exceeded, and what a run reports as spent is exactly the sum of what the backend reported."""
+ever exceeded, and what a run reports as spent is exactly the sum of what the backend reported
+(prompt tokens a server served from its cache charged at the price's cached rate, where it has one)."""
 
 import asyncio
 
@@ -70,14 +71,17 @@ def make(name: str, sampling: SamplingOptions):
     algorithm=st.sampled_from(ALGORITHMS),
     outputs=replies,
     native_n=st.booleans(),
-    price=st.builds(Price, st.sampled_from([0.5, 1.0, 10.0]), st.sampled_from([1.0, 2.0, 30.0])),
+    price=st.builds(lambda i, o, c: Price(i, o, None if c is None else i * c),
+                    st.sampled_from([0.5, 1.0, 10.0]), st.sampled_from([1.0, 2.0, 30.0]),
+                    st.sampled_from([None, 0.0, 0.1, 0.5, 1.0])),
+    cached=st.sampled_from([0, 0, 3, 8, 1000]),
     max_tokens=st.integers(1, 30),
     min_fraction=st.floats(0.0, 1.0),
     batch_size=st.one_of(st.none(), st.integers(1, 5)),
 )
 def test_no_limit_is_ever_exceeded_and_spend_is_exactly_reported(
-        budget, algorithm, outputs, native_n, price, max_tokens, min_fraction, batch_size):
-    lm = Recording(outputs, native_n=native_n, price=price)
+        budget, algorithm, outputs, native_n, price, cached, max_tokens, min_fraction, batch_size):
+    lm = Recording(outputs, native_n=native_n, price=price, cached_prompt_tokens=cached)
     sampling = SamplingOptions(max_tokens=max_tokens, min_tokens=max(1, int(max_tokens * min_fraction)),
                                batch_size=batch_size)
     result = asyncio.run(make(algorithm, sampling).run(lm, "What is 3 + 4?", budget, seed=1))
@@ -98,7 +102,9 @@ def test_no_limit_is_ever_exceeded_and_spend_is_exactly_reported(
     assert spent.input_tokens == total.input_tokens
     assert spent.output_tokens == total.output_tokens
     assert spent.generations + spent.scorer_generations == total.generations
-    assert spent.usd == price.cost(total.input_tokens, total.output_tokens)
+    assert spent.cached_input_tokens == total.cached_input_tokens
+    assert spent.usd == price.cost(total.input_tokens, total.output_tokens, total.cached_input_tokens)
+    assert not spent.violations(budget)
     assert spent.calls == len(lm.reported) == len(result.trace)
     # every candidate the run reports was paid for
     assert len(result.candidates) == spent.generations

@@ -7,9 +7,11 @@ A models file is a JSON list, cheapest first where it is used as a cascade::
      {"name": "served", "base_url": "http://127.0.0.1:8000/v1", "model": "served-name", "price": "0.15,0.6"}]
 
 ``price`` is USD per million input and output tokens, as ``--price`` takes it (a string, a pair,
-or ``{"input": X, "output": Y}``). It is required: a model without one cannot be held to a dollar
-budget, and a cascade that escalates without knowing what escalation costs is guessing. An entry
-with neither ``model_path`` nor ``base_url`` is the embedded default model (SmolLM2-135M).
+or ``{"input": X, "output": Y}``), optionally with the cached input price (``"in=X,cached=Z,out=Y"``,
+``[X, Z, Y]`` or ``{"input": X, "cached": Z, "output": Y}``). It is required: a model without one
+cannot be held to a dollar budget, and a cascade that escalates without knowing what escalation
+costs is guessing. An entry with neither ``model_path`` nor ``base_url`` is the embedded default
+model (SmolLM2-135M).
 Nothing is ever downloaded: a ``model_path`` must already exist.
 """
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from apportion.budget.prices import price_from_json, price_to_json
 from apportion.budget.units import Price
 from apportion.errors import ApportionError, ConfigError
 
@@ -52,7 +55,7 @@ class ModelSpec:
         return self.model or self.name
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "price": [self.price.input_per_mtok, self.price.output_per_mtok]}
+        out: dict[str, Any] = {"name": self.name, "price": price_to_json(self.price)}
         for key in ("model_path", "base_url", "model", "api_key_env"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -112,14 +115,17 @@ def _spec(raw: Any, where: str) -> ModelSpec:
 
 
 def parse_price(value: Any) -> Price:
-    """``"IN,OUT"``, ``[IN, OUT]`` or ``{"input": IN, "output": OUT}``, USD per million tokens."""
+    """``"IN,OUT"``, ``[IN, OUT]`` or ``{"input": IN, "output": OUT}``, USD per million tokens; a
+    cached input price as ``"IN,CACHED,OUT"``, ``[IN, CACHED, OUT]`` or ``{..., "cached": CACHED}``."""
     if isinstance(value, str):
         return Price.parse(value)
-    if isinstance(value, list) and len(value) == 2:
-        return Price(*value)
-    if isinstance(value, dict) and set(value) == {"input", "output"}:
-        return Price(value["input"], value["output"])
-    raise ConfigError(f"a price is \"IN,OUT\", [IN, OUT] or {{\"input\": IN, \"output\": OUT}}, got {value!r}")
+    price = None
+    if not isinstance(value, dict) or set(value) <= {"input", "cached", "output"}:
+        price = price_from_json(value)
+    if price is None:
+        raise ConfigError(f"a price is \"IN,OUT\", [IN, OUT] or {{\"input\": IN, \"output\": OUT}} (a cached "
+                          f"input price as \"IN,CACHED,OUT\", [IN, CACHED, OUT] or \"cached\": CACHED), got {value!r}")
+    return price
 
 
 def load_models(path: str | Path) -> tuple[ModelSpec, ...]:
@@ -147,7 +153,7 @@ def build_backends(specs: Sequence[ModelSpec], timeout: str | None = None) -> di
             key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
             if spec.api_key_env and key is None:
                 raise ConfigError(f"model {spec.name!r}: ${spec.api_key_env} is not set")
-            price = f"{spec.price.input_per_mtok!r},{spec.price.output_per_mtok!r}"
+            price = spec.price.to_text()
             backends[spec.name] = make_backend(
                 spec.base_url, spec.backend_model, key, Path(spec.model_path) if spec.model_path else None,
                 price, None, timeout)
@@ -189,7 +195,7 @@ def cost_table(costs: Sequence[ModelCost], ks: Sequence[int] = (1, 2, 4, 8, 16),
     for cost in costs:
         for k in ks:
             row: dict[str, Any] = {"model": cost.name, "k": k, "usd": cost.usd(k),
-                                   "price": [cost.price.input_per_mtok, cost.price.output_per_mtok],
+                                   "price": price_to_json(cost.price),
                                    "prompt_tokens": round(cost.prompt_tokens, 2),
                                    "output_tokens_per_sample": round(cost.output_tokens, 2)}
             if max_tokens is not None:

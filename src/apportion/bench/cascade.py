@@ -45,6 +45,7 @@ from apportion.banks import SampleBank
 from apportion.batch import Item
 from apportion.bench.replay import _Grades
 from apportion.bench.stats import bootstrap_interval, paired_difference
+from apportion.budget.prices import price_to_json
 from apportion.budget.units import Budget
 from apportion.errors import ConfigError
 from apportion.lm.replay import ReplayBackend
@@ -178,7 +179,7 @@ async def run_cascade_bench(bench: CascadeBench) -> dict[str, Any]:
             **pick.to_dict(names), "held_out_accuracy": statistics.fmean(
                 arms[f"{names[pick.config.models[0]]} alone"][fold][1].right)} for fold, pick in enumerate(best)]
         rows.append(row)
-    return {"models": [{"name": s.name, "price": [s.price.input_per_mtok, s.price.output_per_mtok],
+    return {"models": [{"name": s.name, "price": price_to_json(s.price),
                         "bank_model": s.bank.meta.get("model"), "questions": len(s.bank.entries),
                         "samples_per_question": s.bank.k} for s in bench.stages],
             "cost_table": cost_table(costs, [k for k in (1, 2, 4, 8, 16) if k <= sim.k], sampling.max_tokens),

@@ -106,6 +106,7 @@ class CallRecord:
             "generations": self.usage.generations,
             "tool_calls": self.usage.tool_calls,
             "input_tokens": self.usage.input_tokens,
+            "cached_input_tokens": self.usage.cached_input_tokens,
             "output_tokens": self.usage.output_tokens,
             "usage_estimated": self.usage.estimated,
             "usd": self.usd,
@@ -126,6 +127,7 @@ class _Tally:
     output_tokens: int = 0
     usd: Fraction = Fraction(0)
     tool_calls: int = 0
+    cached_input_tokens: int = 0
 
     def add(self, usage: Usage, usd: Fraction, kind: str, sign: int = 1) -> None:
         self.tool_calls += sign * usage.tool_calls
@@ -140,6 +142,7 @@ class _Tally:
         else:
             self.generations += sign * usage.generations
         self.input_tokens += sign * usage.input_tokens
+        self.cached_input_tokens += sign * usage.cached_input_tokens
         self.output_tokens += sign * usage.output_tokens
         self.usd += sign * usd
 
@@ -150,6 +153,7 @@ class _Tally:
         self.continuations += spend.continuations
         self.planning_generations += spend.planning_generations
         self.input_tokens += spend.input_tokens
+        self.cached_input_tokens += spend.cached_input_tokens
         self.output_tokens += spend.output_tokens
         self.usd += spend.usd
         self.tool_calls += spend.tool_calls
@@ -279,6 +283,7 @@ class Ledger:
                 calls=self._calls,
                 estimated=self._estimated,
                 overrun=self._overrun,
+                cached_input_tokens=s.cached_input_tokens,
             )
 
     # -- reserve / settle ----------------------------------------------------------------------
@@ -311,7 +316,9 @@ class Ledger:
             return grant
 
     def settle(self, grant: Grant, usage: Usage, record: CallRecord | None = None) -> Fraction:
-        """Replace a grant's worst case by what the call really consumed; returns its cost.
+        """Replace a grant's worst case by what the call really consumed; returns its cost (the
+        usage's cached input tokens at the price's cached rate; the worst case set aside charged
+        every input token the full input price, so the cost never exceeds it).
 
         Tokens above the worst case (a server that ignored max_tokens or sent choices nobody asked
         for) are charged as reported, never hidden, and counted as the server's overrun. More
@@ -322,7 +329,7 @@ class Ledger:
         if usage.tool_calls > grant.worst.tool_calls:
             raise BudgetError(f"grant {grant.id} allowed {grant.worst.tool_calls} tool calls, "
                               f"settled with {usage.tool_calls}")
-        usd = grant.price.cost(usage.input_tokens, usage.output_tokens)
+        usd = grant.price.charge(usage)
         over = overrun(grant, usage)
         with self._lock:
             if self._open.pop(grant.id, None) is None:
@@ -475,12 +482,15 @@ def worst_usage(n: int, max_tokens: int, prompt_tokens: int) -> Usage:
 
 
 def overrun(grant: Grant, usage: Usage) -> Overrun:
-    """The part of ``usage`` above what ``grant`` set aside, unit by unit."""
+    """The part of ``usage`` above what ``grant`` set aside, unit by unit. Input tokens past the
+    reservation are priced as the uncached ones first (a prefix cache serves the start of a prompt,
+    the reservation counted the start), so its dollars are a part of the call's own charge."""
     over_in = max(0, usage.input_tokens - grant.worst.input_tokens)
     over_out = max(0, usage.output_tokens - grant.worst.output_tokens)
     if not (over_in or over_out):
         return Overrun()
-    return Overrun(over_in, over_out, grant.price.cost(over_in, over_out), 1)
+    over_cached = max(0, over_in - (usage.input_tokens - usage.cached_input_tokens))
+    return Overrun(over_in, over_out, grant.price.cost(over_in, over_out, over_cached), 1)
 
 
 def _max_tokens_for(n: int, ask: Ask, rem: Remaining) -> int:

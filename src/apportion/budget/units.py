@@ -141,42 +141,85 @@ def _number(text: str, unit: str) -> float | int:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """Dollars per million input and output tokens."""
+    """Dollars per million input and output tokens, and per million cached input tokens: the part
+    of a prompt a server served from its prefix cache, which hosted APIs bill at a discount (None:
+    the input price). A cached price above the input price is refused: a reservation, made before
+    anyone knows what will be cached, charges every input token the input price, so that price must
+    be the most an input token can cost."""
 
     input_per_mtok: float = 0.0
     output_per_mtok: float = 0.0
+    cached_input_per_mtok: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("input_per_mtok", "output_per_mtok"):
+        for name in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"):
             value = getattr(self, name)
+            if value is None and name == "cached_input_per_mtok":
+                continue
             valid = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not valid or value < 0 or not math.isfinite(value):
                 raise BudgetError(f"price {name} must be a number >= 0, got {value!r}")
+        cached = self.cached_input_per_mtok
+        if cached is not None and cached > self.input_per_mtok:
+            raise BudgetError(f"price cached_input_per_mtok ({cached!r}) must not exceed input_per_mtok "
+                              f"({self.input_per_mtok!r}): reservations charge every input token the input price")
 
     @property
     def free(self) -> bool:
         return self.input_per_mtok == 0 and self.output_per_mtok == 0
 
     def per_input_token(self) -> Fraction:
+        """The most one input token can cost (what reservations charge it)."""
         return to_fraction(self.input_per_mtok) / 1_000_000
+
+    def per_cached_input_token(self) -> Fraction:
+        """What an input token served from the server's prefix cache costs."""
+        cached = self.cached_input_per_mtok
+        return self.per_input_token() if cached is None else to_fraction(cached) / 1_000_000
 
     def per_output_token(self) -> Fraction:
         return to_fraction(self.output_per_mtok) / 1_000_000
 
-    def cost(self, input_tokens: int, output_tokens: int) -> Fraction:
-        return input_tokens * self.per_input_token() + output_tokens * self.per_output_token()
+    def cost(self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> Fraction:
+        """Exact dollars; ``cached_input_tokens`` are the part of ``input_tokens`` charged the
+        cached price (0, the default, is the worst case: every input token at the input price)."""
+        if not 0 <= cached_input_tokens <= max(input_tokens, 0):
+            raise BudgetError(f"cached input tokens ({cached_input_tokens}) must be between 0 and the "
+                              f"input tokens ({input_tokens})")
+        out = input_tokens * self.per_input_token() + output_tokens * self.per_output_token()
+        if cached_input_tokens:
+            out -= cached_input_tokens * (self.per_input_token() - self.per_cached_input_token())
+        return out
+
+    def charge(self, usage: Usage) -> Fraction:
+        """What ``usage`` costs, its cached input tokens at the cached price."""
+        return self.cost(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
+
+    def to_text(self) -> str:
+        """The form ``parse`` reads back: ``"in=X,out=Y"``, with ``cached=Z`` where set."""
+        cached = "" if self.cached_input_per_mtok is None else f",cached={self.cached_input_per_mtok!r}"
+        return f"in={self.input_per_mtok!r}{cached},out={self.output_per_mtok!r}"
 
     @classmethod
     def parse(cls, text: str) -> Price:
-        """``"0.15,0.6"`` or ``"in=0.15,out=0.6"``: dollars per million input / output tokens."""
-        usage = f"cannot read price {text!r}; expected 'IN,OUT' or 'in=X,out=Y' (USD per 1M tokens)"
+        """``"0.15,0.6"`` or ``"in=0.15,out=0.6"``: dollars per million input / output tokens;
+        ``"0.15,0.075,0.6"`` or ``"in=0.15,cached=0.075,out=0.6"`` add the cached input price
+        (positional order as vendors list them: input, cached input, output)."""
+        usage = (f"cannot read price {text!r}; expected 'IN,OUT', 'IN,CACHED,OUT' or 'in=X,cached=Y,out=Z' "
+                 "(USD per 1M tokens; cached is optional)")
         names = {"in": "input_per_mtok", "input": "input_per_mtok",
+                 "cached": "cached_input_per_mtok", "cached_input": "cached_input_per_mtok",
+                 "cached-input": "cached_input_per_mtok",
                  "out": "output_per_mtok", "output": "output_per_mtok"}
         parts = [p.strip() for p in text.split(",") if p.strip()]
-        if len(parts) != 2:
+        if len(parts) == 2:
+            positions: tuple[str, ...] = ("input_per_mtok", "output_per_mtok")
+        elif len(parts) == 3:
+            positions = ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok")
+        else:
             raise BudgetError(usage)
         values: dict[str, float] = {}
-        for position, part in zip(("input_per_mtok", "output_per_mtok"), parts):
+        for position, part in zip(positions, parts):
             key, sep, val = part.rpartition("=")
             name = names.get(key.strip().lower()) if sep else position
             if name is None or name in values:
@@ -185,6 +228,8 @@ class Price:
                 values[name] = float(val)
             except ValueError:
                 raise BudgetError(f"price {name} must be a number, got {val!r}") from None
+        if "input_per_mtok" not in values or "output_per_mtok" not in values:
+            raise BudgetError(usage)
         return cls(**values)
 
 
@@ -198,6 +243,14 @@ class Usage:
     estimated: bool = False
     tool_calls: int = 0
     """Tool runs (sandboxed programs); a backend's usage never has any."""
+    cached_input_tokens: int = 0
+    """The part of ``input_tokens`` the server served from its prefix cache (billed at the cached
+    input price); never more than ``input_tokens``."""
+
+    def __post_init__(self) -> None:
+        if self.cached_input_tokens and not 0 <= self.cached_input_tokens <= self.input_tokens:
+            raise BudgetError(f"cached input tokens ({self.cached_input_tokens}) must be between 0 and the "
+                              f"input tokens ({self.input_tokens})")
 
     @property
     def total_tokens(self) -> int:
@@ -210,6 +263,7 @@ class Usage:
             self.output_tokens + other.output_tokens,
             self.estimated or other.estimated,
             self.tool_calls + other.tool_calls,
+            self.cached_input_tokens + other.cached_input_tokens,
         )
 
 
@@ -255,6 +309,9 @@ class Spend:
     calls: int = 0
     estimated: bool = False
     overrun: Overrun = field(default_factory=Overrun)
+    cached_input_tokens: int = 0
+    """The part of ``input_tokens`` servers served from their prefix caches (charged at the cached
+    input price where the model's price has one)."""
 
     @property
     def total_tokens(self) -> int:
@@ -283,6 +340,7 @@ class Spend:
             "planning_generations": self.planning_generations,
             "tool_calls": self.tool_calls,
             "input_tokens": self.input_tokens,
+            "cached_input_tokens": self.cached_input_tokens,
             "output_tokens": self.output_tokens,
             "total_tokens": self.total_tokens,
             "usd": float(self.usd),

@@ -138,9 +138,10 @@ ApiKeyOpt = Annotated[str | None, typer.Option("--api-key", help="API key for th
 ModelPathOpt = Annotated[Path | None, typer.Option(
     "--model-path", help="A GGUF file for the embedded backend instead of SmolLM2-135M-Instruct.")]
 PriceOpt = Annotated[str | None, typer.Option(
-    "--price", help="USD per million input,output tokens, e.g. '0.15,0.6' (default: the built-in table).")]
+    "--price", help="USD per million input,output tokens, e.g. '0.15,0.6', or input,cached input,output, "
+                    "e.g. '0.15,0.075,0.6' (default: the built-in table).")]
 PriceFileOpt = Annotated[Path | None, typer.Option(
-    "--price-file", help="JSON file of model -> [input, output] prices.")]
+    "--price-file", help="JSON file of model -> [input, output] or [input, cached input, output] prices.")]
 ScorerOpt = Annotated[str, typer.Option(
     "--scorer", help=f"Outcome scorer for best-of-n: {', '.join(sorted(set(SCORERS)))}.")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="Most tokens per sample.")]

@@ -6,7 +6,9 @@ server sent them. Otherwise, without usage, a sample is charged ``max_tokens`` w
 hit the limit, and else the fewest of ``max_tokens`` and its UTF-8 bytes plus the longest stop
 string plus one (a byte-level token decodes to at least one byte; the stop string and the
 end-of-sequence token were generated but are not in the text). A server that ignores
-``max_tokens`` and also sends neither usage nor log-probabilities cannot be caught.
+``max_tokens`` and also sends neither usage nor log-probabilities cannot be caught. Prompt tokens
+the server says it served from its prefix cache are read into ``Usage.cached_input_tokens``
+(charged at the cached input price), never more than the prompt tokens it reported.
 """
 
 from __future__ import annotations
@@ -53,9 +55,30 @@ def read_reply(data: dict[str, Any], params: SamplingParams, prompt_bound: int) 
         completion_tokens = counted
     if estimated:
         notes.append("server reported no usage: token counts bounded from above (estimated)")
-    usage = Usage(len(samples), prompt_bound if prompt_tokens is None else prompt_tokens, completion_tokens,
-                  estimated)
+    input_tokens = prompt_bound if prompt_tokens is None else prompt_tokens
+    cached = _cached_tokens(usage_raw, prompt_tokens, notes)
+    usage = Usage(len(samples), input_tokens, completion_tokens, estimated,
+                  cached_input_tokens=cached)
     return Reply(tuple(_spread_tokens(samples, completion_tokens)), usage, tuple(notes))
+
+
+def _cached_tokens(usage: dict[str, Any] | None, prompt_tokens: int | None, notes: list[str]) -> int:
+    """The prompt tokens the server says it served from its prefix cache
+    (``usage.prompt_tokens_details.cached_tokens``, as OpenAI, vLLM and llama.cpp's server send it),
+    charged at the cached input price. Only a part of a reported prompt count can be cached: none
+    where the server reported no prompt tokens (the prompt is then charged its reserved bound at the
+    full price), and a count above the prompt's is cut to it."""
+    details = usage.get("prompt_tokens_details") if usage is not None else None
+    if not isinstance(details, dict):
+        return 0
+    cached = _int(details, "cached_tokens")
+    if not cached or prompt_tokens is None or cached != details["cached_tokens"]:
+        return 0  # none, not a count (a fraction is not a number of tokens), or nothing to part
+    if cached > prompt_tokens:
+        notes.append(f"server reported {cached} cached prompt tokens of {prompt_tokens}: "
+                     f"counted {prompt_tokens} cached")
+        return prompt_tokens
+    return cached
 
 
 def _index(choice: dict[str, Any]) -> int:

@@ -211,7 +211,7 @@ class MeteredLM:
 
     def _settle(self, grant: Grant, asked: SamplingParams, usage: Usage, started: float,
                 notes: tuple[str, ...], error: str | None = None) -> None:
-        usd = grant.price.cost(usage.input_tokens, usage.output_tokens)
+        usd = grant.price.charge(usage)
         over = overrun(grant, usage)
         if over.calls:
             notes = (*notes, f"server overran the reservation by {over.input_tokens} input and "

@@ -54,6 +54,9 @@ class ScriptedBackend:
     latency_s: float = 0.0
     calls: list[ScriptedCall] = field(default_factory=list)
     _counter: itertools.count = field(default_factory=itertools.count, repr=False)
+    cached_prompt_tokens: int = 0
+    """Tokens of every prompt reported as served from a prefix cache (at most the prompt's), as a
+    server with a prefix cache reports them (``Usage.cached_input_tokens``)."""
 
     @property
     def name(self) -> str:
@@ -85,10 +88,12 @@ class ScriptedBackend:
                 raise reply.error
             samples.append(_sample(reply, params))
         p = await self.prompt_tokens(prompt)
+        requests = 1 if self.native_n else len(samples)
         usage = Usage(
             generations=len(samples),
-            input_tokens=p if self.native_n else p * len(samples),
+            input_tokens=p * requests,
             output_tokens=sum(s.output_tokens for s in samples),
+            cached_input_tokens=min(self.cached_prompt_tokens, p) * requests,
         )
         return Completion(tuple(samples), usage, self.model, time.monotonic() - started)
 

@@ -151,14 +151,17 @@ def _reply(completion: Completion, body: dict[str, Any]) -> JSONResponse:
 def _envelope(kind: str, prefix: str, completion: Completion, served: str,
               choices: list[dict[str, Any]]) -> dict[str, Any]:
     usage = completion.usage
+    counts: dict[str, Any] = {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+                              "total_tokens": usage.total_tokens}
+    if usage.cached_input_tokens:  # as OpenAI reports prompt tokens served from a prefix cache
+        counts["prompt_tokens_details"] = {"cached_tokens": usage.cached_input_tokens}
     return {
         "id": f"{prefix}-{uuid.uuid4().hex}",
         "object": kind,
         "created": int(time.time()),
         "model": served,
         "choices": choices,
-        "usage": {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
-                  "total_tokens": usage.total_tokens},
+        "usage": counts,
     }
 
 

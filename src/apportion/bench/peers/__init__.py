@@ -114,10 +114,11 @@ def _outcomes(problems: Sequence[Problem], replies: Sequence[tuple[str | None, s
     for problem, (text, error) in zip(problems, replies):
         usage = endpoint.counter.usage.get(problem.id)
         tokens_in, tokens_out = (usage.input_tokens, usage.output_tokens) if usage else (0, 0)
+        cached = usage.cached_input_tokens if usage else 0
         answer = read_answer(text)[0] if text else None
         right = answer is not None and error is None and eq.same(answer, problem.answer)
         out.append(QuestionOutcome(problem, float(right), tokens_in, tokens_out,
-                                   float(price.cost(tokens_in, tokens_out)), answer, error))
+                                   float(price.cost(tokens_in, tokens_out, cached)), answer, error))
     return out
 
 
