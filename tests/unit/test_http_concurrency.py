@@ -110,5 +110,5 @@ async def test_cancelling_a_held_request_sends_nothing_and_leaves_the_leader_alo
             await held
         completion = await leader
         assert completion.samples and server.billing.requests == 1
-        assert not lm._orders.get()._live
+        assert lm._orders.get().in_flight == 0
         await lm.aclose()

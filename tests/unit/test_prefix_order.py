@@ -139,7 +139,7 @@ async def test_a_burst_sends_leaders_first_and_followers_in_submission_order():
     at = {name: t - started for name, t in log}
     assert at["send 0"] < 0.1 and at["send 1"] < 0.1
     assert all(0.25 < at[f"send {i}"] < 1.0 for i in (2, 3, 4, 5))  # released by the hold, not by the 2 s work
-    assert po.held == 4 and not po._live
+    assert po.held == 4 and po.in_flight == 0
 
 
 async def test_followers_are_released_when_the_leader_finishes_before_the_hold():
@@ -181,6 +181,6 @@ async def test_cancelling_a_held_request_takes_it_out_and_releases_its_own_follo
     with pytest.raises(asyncio.CancelledError):
         await held
     await asyncio.wait_for(behind, 2.0)  # released by the cancellation, not after 30 s
-    assert sent == ["behind"] and po._live == [leader]
+    assert sent == ["behind"] and po.in_flight == 1
     po.leave(leader)
-    assert not po._live
+    assert po.in_flight == 0

@@ -97,6 +97,8 @@ class Ticket:
             return
         self.sent_at = self._order.clock()
         hold = self._order.hold_s
+        if len(self.text) < self._order.min_chars:  # nothing can wait for it
+            return
         if hold <= 0:
             self._ready.set()
             return
@@ -126,7 +128,8 @@ class PrefixOrder:
         self.hold_s = float(hold_s)
         self.clock = clock
         self._history = history
-        self._live: list[Ticket] = []
+        self._live: dict[str, list[Ticket]] = {}
+        """Requests entered and not yet left, by their first min_chars characters, in order."""
         self._seen: OrderedDict[str, None] = OrderedDict()
         self.held = 0
         """Requests held so far."""
@@ -139,29 +142,35 @@ class PrefixOrder:
         with requests already prefilled, is at least ``min_chars`` (a later one only where it
         shares ``min_chars`` more)."""
         m = self.min_chars
+        if len(text) < m:  # too short to share min_chars with anything: never held, never waited for
+            return Ticket(self, text, None, 0)
+        head = text[:m]
+        group = self._live.setdefault(head, [])
+        now = self.clock()
         leader, shared, cached = None, 0, 0
-        if len(text) >= m:
-            now = self.clock()
-            head = text[:m]
-            pending: list[tuple[Ticket, int]] = []
-            for t in self._live:
-                if t.text[:m] != head:
-                    continue
-                share = common_prefix_len(text, t.text)
-                if t.ready(now):
-                    cached = max(cached, share)
-                else:
-                    pending.append((t, share))
-            if pending:
-                for seen in self._seen:
-                    if seen[:m] == head:
-                        cached = max(cached, common_prefix_len(text, seen))
-                for t, share in pending:
-                    if share - cached >= m and (leader is None or share >= shared + m):
-                        leader, shared = t, share
+        pending: list[tuple[Ticket, int]] = []
+        for t in group:
+            share = common_prefix_len(text, t.text)
+            if t.ready(now):
+                cached = max(cached, share)
+            else:
+                pending.append((t, share))
+        if pending:
+            for seen in self._seen:
+                if seen.startswith(head):
+                    cached = max(cached, common_prefix_len(text, seen))
+            for t, share in pending:
+                if share - cached >= m and (leader is None or share >= shared + m):
+                    leader, shared = t, share
         ticket = Ticket(self, text, leader, shared)
-        self._live.append(ticket)
+        group.append(ticket)
         return ticket
+
+    @property
+    def in_flight(self) -> int:
+        """Requests entered and not yet left (held, waiting for a connection, or sent), of those
+        long enough to share ``min_chars`` with another."""
+        return sum(len(group) for group in self._live.values())
 
     def leave(self, ticket: Ticket) -> None:
         """The request is over (answered, failed or cancelled): release what waits on it, and
@@ -172,8 +181,14 @@ class PrefixOrder:
         ticket._ready.set()
         if ticket._timer is not None:
             ticket._timer.cancel()
+        if len(ticket.text) < self.min_chars:
+            return
+        head = ticket.text[:self.min_chars]
+        group = self._live.get(head, [])
         with contextlib.suppress(ValueError):
-            self._live.remove(ticket)
+            group.remove(ticket)
+        if not group:
+            self._live.pop(head, None)
         if ticket.sent_at is not None:
             self._seen[ticket.text] = None
             self._seen.move_to_end(ticket.text)
