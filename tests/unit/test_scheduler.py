@@ -159,7 +159,7 @@ def test_decoding_sequences_share_the_batch_with_prompt_chunks():
     drain(scheduler, model)
     # while the long prompt was prefilled 32 tokens a step, the short one kept decoding
     assert len(short.result().samples[0].text) > 0 and long.result().samples
-    assert max(model.batch_sizes[steps_before:]) <= 32 + 1
+    assert max(model.batch_sizes[steps_before:]) <= 32 + 4  # chunk plus the slots' room
     assert short.result().samples[0].output_tokens == 40
 
 

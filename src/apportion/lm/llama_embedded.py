@@ -5,7 +5,7 @@ the ``n`` samples of each and the paths of a search are decoded together, contin
 over one unified KV cache in which sequences share the cells of common prompt prefixes (the
 prefix cache keeps finished sequences' cells for later prompts; ``stats`` reports hit rates).
 Each sample has its own random stream (seed + index), so a sample does not depend on which other
-requests happened to be in flight, up to llama.cpp's batched arithmetic (see docs/engine.md).
+requests happened to be in flight, up to llama.cpp's batched arithmetic (see docs/backends.md).
 
 Log-probabilities are those of the sampled tokens under the model's own distribution
 (temperature 1), from a log-softmax over the full vocabulary; token confidences (``top_logprobs``)
@@ -153,7 +153,8 @@ class LlamaEmbeddedBackend:
         outcome: Outcome = await asyncio.wrap_future(future)
         samples = outcome.samples
         usage = Usage(generations=len(samples), input_tokens=outcome.prompt_tokens,
-                      output_tokens=sum(s.output_tokens for s in samples))
+                      output_tokens=sum(s.output_tokens for s in samples),
+                      cached_input_tokens=outcome.cached_tokens)
         return Completion(tuple(samples), usage, self.model, time.monotonic() - started)
 
     async def aclose(self) -> None:

@@ -73,7 +73,8 @@ class SchedulerOptions:
     cache_entries: int = 32
     """Most prefix-cache entries (each is a sequence id of the model)."""
     chunk: int = 256
-    """Most prompt tokens prefilled in one step, beside the decoding sequences' tokens."""
+    """Prompt tokens prefilled in one step beside the decoding sequences' tokens (slots that
+    decode nothing lend their room to the prefill)."""
     seq_ctx: int = 4096
     """Most tokens (prompt plus sample) in one sequence."""
     max_queued: int = 4096
@@ -358,7 +359,7 @@ class Scheduler:
             if seq.started and not seq.prefilling:
                 rows.append((seq.tokens[-1], len(seq.prompt) + len(seq.tokens) - 1, seq.seq_id, True))
                 owners.append((seq, 1))
-        budget = self.options.chunk
+        budget = self.options.chunk + self.options.slots - len(rows)  # the batch's room
         # Shortest remainder first: the 2nd..nth samples of a request have one token left each.
         for seq in sorted((s for s in self._seqs if s.started and s.prefilling),
                           key=lambda s: len(s.prompt) - s.filled):
