@@ -132,3 +132,22 @@ def test_bench_fit_prints_and_saves_the_laws_of_a_run(tmp_path):
     assert json.loads((run / "fits.json").read_text())[0]["law"]["c"] == pytest.approx(0.9, abs=1e-3)
     bad = run_cli("bench", "fit", str(run), "--target", "2")
     assert bad.returncode == 2 and "--target must be an accuracy" in bad.stderr
+
+
+@pytest.mark.embedded
+def test_bench_throughput_reports_the_concurrency_and_shared_prefix_ratios(tmp_path):
+    out = tmp_path / "throughput.json"
+    proc = run_cli("bench", "throughput", "--repeats", "1", "--max-tokens", "8", "--prefix-tokens", "60",
+                   "--concurrent-tokens", "8", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    ratios = report["summary"]["ratios"]
+    for key in ("concurrent8_over_sequential", "concurrent8_over_one_n8", "shared_prefix_prefill_speedup",
+                "n8_over_n1_fixed_length"):
+        assert ratios[key] > 0
+    shared = report["runs"]["8 continuations of one shared prefix prefill"][0]
+    independent = report["runs"]["8 independent prompts prefill"][0]
+    # 7 of the 8 paths found the shared prefix (at least 60 tokens each); no independent prompt did
+    assert shared["cached_input_tokens"] >= 7 * 60 and independent["cached_input_tokens"] < 8 * 10
+    assert report["runs"]["8 requests n=1, concurrent (fixed length)"][0]["tokens"] == 64
+    assert "prefix hit rate" in proc.stdout

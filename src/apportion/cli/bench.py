@@ -303,10 +303,15 @@ def bench_throughput(
     repeats: Annotated[int, typer.Option(help="Interleaved repeats per configuration.")] = 3,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per sample.")] = 256,
     seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
+    prefix_tokens: Annotated[int, typer.Option(
+        help="Tokens of the shared prefix (and of each independent prompt).")] = 300,
+    concurrent_tokens: Annotated[int, typer.Option(
+        help="Fixed output tokens per request in the concurrency and prefix rows.")] = 128,
     model_path: Annotated[Path | None, typer.Option(help="A GGUF instead of the embedded model.")] = None,
     out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("runs/throughput.json"),
 ) -> None:
-    """Embedded backend: tokens/s at n=1 and n=8, and self-consistency's wall time over a bare request."""
+    """Embedded backend: tokens/s at n=1 and n=8, concurrent requests against sequential ones,
+    shared prefixes against independent prompts, and self-consistency's wall time over a bare request."""
     from apportion.bench.throughput import ThroughputConfig, measure, write
 
     console = Console()
@@ -316,7 +321,8 @@ def bench_throughput(
         fail(console, exc, EXIT_USAGE)
     try:
         backend = make_backend(None, None, None, model_path, None, None)
-        report = asyncio.run(measure(backend, ThroughputConfig(repeats, max_tokens, seed)))
+        report = asyncio.run(measure(backend, ThroughputConfig(repeats, max_tokens, seed, prefix_tokens,
+                                                               concurrent_tokens)))
     except ApportionError as exc:
         fail(console, exc, EXIT_FAILURE)
     write(report, out)
@@ -330,6 +336,10 @@ def bench_throughput(
     console.print(table)
     for name, value in report["summary"]["ratios"].items():
         console.print(f"{name}: {value:.2f}")
+    if engine := report.get("engine"):
+        console.print(f"engine: prefix hit rate {engine['prefix_hit_rate']:.1%} of prompt tokens, "
+                      f"peak {engine['peak_cells']} KV cells and {engine['peak_active']} sequences, "
+                      f"{engine['evictions']} prefix-cache evictions")
     console.print(f"wrote {out}")
 
 
