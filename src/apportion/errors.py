@@ -80,6 +80,17 @@ class ScoringFailed(BackendError):
         self.scores = scores
 
 
+class ProcessScoringFailed(ScoringFailed):
+    """A process scorer's calls failed (or the budget ran out, ``exhausted``) for some step
+    prefixes after others were scored: ``step_scores[i][k]`` is the score of path i's first k+1
+    steps, None where it could not be had; ``scores`` holds each path's newest step's score."""
+
+    def __init__(self, message: str, step_scores: list[list[float | None]], *, exhausted: bool = False) -> None:
+        super().__init__(message, [s[-1] if s else None for s in step_scores])
+        self.step_scores = step_scores
+        self.exhausted = exhausted
+
+
 class RunFailed(ApportionError):
     """A run could not draw a single candidate. ``result`` still says what the attempts spent
     (a ``Result`` with no answer and ``error`` set)."""
