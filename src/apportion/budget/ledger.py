@@ -52,15 +52,27 @@ class Ask:
         if self.kind not in CALL_KINDS:
             raise BudgetError(f"call kind must be one of {CALL_KINDS}, got {self.kind!r}")
         # A tool run is reserved through the same protocol, but pays in tool calls, never in tokens.
-        tokens_ok = (self.max_tokens == 0 and self.prompt_tokens == 0) if self.kind == "tool" else (
-            self.max_tokens >= 1 and self.prompt_tokens >= 0)
-        if self.n < 1 or self.min_tokens < 1 or not tokens_ok:
+        # An input-only call (a reward model's forward pass) pays for its input and generates nothing.
+        if self.kind == "tool":
+            tokens_ok = self.max_tokens == 0 and self.prompt_tokens == 0 and self.min_tokens >= 1
+        elif self.max_tokens == 0:
+            tokens_ok = self.kind != "policy" and self.min_tokens == 0 and self.prompt_tokens >= 0
+        else:
+            tokens_ok = self.max_tokens >= 1 and self.min_tokens >= 1 and self.prompt_tokens >= 0
+        if self.n < 1 or not tokens_ok:
             raise BudgetError(f"invalid ask: {self}")
 
     @classmethod
     def tool(cls, n: int = 1) -> Ask:
         """``n`` tool runs (no tokens: the worst case of a run is the run itself)."""
         return cls(n=n, max_tokens=0, prompt_tokens=0, kind="tool")
+
+    @classmethod
+    def input_only(cls, prompt_tokens: int, *, n: int = 1, price: Price | None = None,
+                   kind: str = "scorer") -> Ask:
+        """A call that reads ``prompt_tokens`` tokens (at most) and generates none, such as a
+        reward model's forward pass over ``n`` texts; never "policy" (it answers nothing)."""
+        return cls(n=n, max_tokens=0, prompt_tokens=prompt_tokens, price=price or Price(), kind=kind, min_tokens=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,6 +480,8 @@ class Ledger:
             if rem.generations < 1:
                 return "generations: none left"
             n_cap = min(n_cap, rem.generations)
+        if ask.max_tokens == 0:  # input only: the whole input fits, or the call is refused
+            return (ask.n, 0) if _input_fits(ask, rem) else _binding_unit(ask, rem)
         for n in range(n_cap, 0, -1):
             if _max_tokens_for(n, ask, rem) >= ask.max_tokens:
                 return n, ask.max_tokens
@@ -513,12 +527,22 @@ def _max_tokens_for(n: int, ask: Ask, rem: Remaining) -> int:
     return bound
 
 
+def _input_fits(ask: Ask, rem: Remaining) -> bool:
+    """Whether an input-only call's input fits (it generates nothing, so output limits never bind)."""
+    inp = ask.prompt_tokens
+    return ((rem.input_tokens is None or inp <= rem.input_tokens)
+            and (rem.total_tokens is None or inp <= rem.total_tokens)
+            and (rem.usd is None or inp * ask.price.per_input_token() <= rem.usd))
+
+
 def _binding_unit(ask: Ask, rem: Remaining) -> str:
-    need = f"one sample of {ask.min_tokens} tokens after a {ask.prompt_tokens}-token prompt"
+    need = (f"an input of {ask.prompt_tokens} tokens" if ask.max_tokens == 0
+            else f"one sample of {ask.min_tokens} tokens after a {ask.prompt_tokens}-token prompt")
     for unit in ("input_tokens", "output_tokens", "total_tokens", "usd"):
         value = getattr(rem, unit)
         if value is not None:
             probe = Remaining(**{**{k: None for k in Remaining.__slots__}, unit: value})
-            if _max_tokens_for(1, ask, probe) < ask.min_tokens:
+            if (not _input_fits(ask, probe)) if ask.max_tokens == 0 else (
+                    _max_tokens_for(1, ask, probe) < ask.min_tokens):
                 return f"{unit}: {float(value) if unit == 'usd' else value} left, not enough for {need}"
     return f"budget too small for {need}"

@@ -104,3 +104,21 @@ def parse_judge_score(text: str, scale: int = 10) -> float | None:
     if verdict:
         return 0.0 if verdict.group(1).lower() in ("incorrect", "not correct", "wrong") else 1.0
     return None
+
+
+_LEADING_VERDICT = re.compile(r"^\W*(yes|no|correct|incorrect|right|wrong)\b", re.I)
+_POSITIVE = ("yes", "correct", "right")
+
+
+def parse_verdict(text: str, *, strict: bool = False) -> bool | None:
+    """The Yes/No verdict a reply opens with ("Yes", "**No**", "Correct."); None if it opens with
+    none. ``strict``: only where the verdict is the reply's very first word, white space aside
+    (so that the first token's log-probability is the verdict's)."""
+    match = (_STRICT_VERDICT if strict else _LEADING_VERDICT).match(text)
+    if not match:
+        return None
+    return match.group(1).lower() in _POSITIVE
+
+
+_STRICT_VERDICT = re.compile(r"^\s*(yes|no|correct|incorrect|right|wrong)\b", re.I)
+
