@@ -30,6 +30,11 @@ class Candidate:
     """Per-token top-k confidences (``Sample.confidences``), where the backend gave them."""
     model: str | None = None
     """The model that drew it (a batch over several models, or a cascade, mixes them)."""
+    steps: tuple[str, ...] | None = None
+    """A step-wise search's path: its steps in order (None: not drawn step by step)."""
+    step_scores: tuple[float | None, ...] | None = None
+    """The process scorer's score of each prefix of ``steps`` (``step_scores[k]`` rates
+    ``steps[:k+1]``); ``score`` is their aggregate."""
 
     @classmethod
     def from_sample(cls, sample: Sample, answer: str | None, raw: str | None, method: str | None,
@@ -49,7 +54,30 @@ class Candidate:
             "output_tokens": self.output_tokens,
             "mean_logprob": self.mean_logprob,
             "model": self.model,
+            **({"steps": list(self.steps), "step_scores": list(self.step_scores or ())}
+               if self.steps is not None else {}),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class SearchStats:
+    """What a step-wise search did. ``steps``: search steps, each one round of concurrent step
+    requests for every live path; ``round_trips``: those rounds plus the rounds of process scoring
+    that made calls (a step's scoring of cached prefixes only costs none); ``requests``: the step
+    requests sent (continuation calls in the trace); ``scoring_calls``: the scorer's calls;
+    ``chosen``: the index in ``Result.candidates`` of the path the answer came from; ``width``:
+    the most paths the search could finish (N)."""
+
+    steps: int
+    round_trips: int
+    requests: int
+    scoring_calls: int
+    chosen: int | None
+    width: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "round_trips": self.round_trips, "requests": self.requests,
+                "scoring_calls": self.scoring_calls, "chosen": self.chosen, "width": self.width}
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +108,8 @@ class Result:
     error: str | None = None
     stop_reason: str | None = None
     """Why a stopping rule ended the run before the budget did (the rule's name, or "give-up")."""
+    search: SearchStats | None = None
+    """Step-wise searches: steps, round trips, requests and the chosen path (None otherwise)."""
 
     @property
     def stopped_early(self) -> bool:
@@ -111,6 +141,8 @@ class Result:
             "notes": list(self.notes),
             "options": self.options,
         }
+        if self.search is not None:
+            out["search"] = self.search.to_dict()
         if trace:
             out["trace"] = [r.to_dict() for r in self.trace]
         return out

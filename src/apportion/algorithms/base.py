@@ -26,7 +26,7 @@ from apportion.budget.units import Budget
 from apportion.errors import BackendError, BudgetError, BudgetExhausted, ConfigError, RunFailed
 from apportion.lm.base import Backend, Completion, Prompt, Sample, SamplingParams
 from apportion.lm.metered import MeteredLM, cut_afterwards_note
-from apportion.result import Candidate, Result
+from apportion.result import Candidate, Result, SearchStats
 
 # Chosen on the embedded model, greedy, first 40 MAWPS SingleOp questions: this prompt 7/40 right;
 # "Solve the problem step by step. End your reply with a final line of the form 'The answer is
@@ -111,7 +111,7 @@ class RunContext:
         return Candidate.from_sample(sample, *read_answer_for(sample.text, self.placeholder), model)
 
     def result(self, *, answer: str | None, response: str | None, candidates: Sequence[Candidate],
-               distribution: dict[str, float], final: bool) -> Result:
+               distribution: dict[str, float], final: bool, search: SearchStats | None = None) -> Result:
         ledger = self.ledger
         trace = tuple(ledger.trace)
         return Result(
@@ -133,6 +133,7 @@ class RunContext:
             options=self.options,
             error=self.error,
             stop_reason=self.stop_reason,
+            search=search,
         )
 
 

@@ -1,24 +1,52 @@
-"""Algorithms by name, for the CLI, the server and the benchmark harness."""
+"""Algorithms by name, for the CLI, the server and the benchmark harness.
+
+A factory takes the sampling options and the ``Components`` an algorithm may need (an outcome
+scorer, a stopping rule, a process scorer, a step-wise search's settings); each uses what it
+needs and refuses what it cannot use.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 from apportion.algorithms.base import DEFAULT_SYSTEM_PROMPT, Algorithm, SamplingOptions
+from apportion.algorithms.beam_search import BeamSearch, BeamSearchOptions
 from apportion.algorithms.best_of_n import BestOfN, BestOfNOptions
 from apportion.algorithms.budget_forcing import BudgetForcing, BudgetForcingOptions
+from apportion.algorithms.dvts import DVTS, DVTSOptions
 from apportion.algorithms.program_aided import PROGRAM_SYSTEM_PROMPT, ProgramAided, ProgramAidedOptions
 from apportion.algorithms.self_consistency import SelfConsistency, SelfConsistencyOptions
+from apportion.algorithms.steps import STEP_SYSTEM_PROMPT
 from apportion.algorithms.stopping import StopRule
 from apportion.errors import ConfigError
 from apportion.reward.base import OutcomeScorer
+from apportion.reward.process import ProcessScorer
 
-Factory = Callable[[SamplingOptions, OutcomeScorer | None, StopRule | None], Algorithm]
+SearchOptions = BeamSearchOptions | DVTSOptions
+"""A step-wise search's settings; either class sets either search (the fields are the same)."""
 
 
-def _self_consistency(sampling: SamplingOptions, scorer: OutcomeScorer | None, stopping: StopRule | None) -> Algorithm:
-    return SelfConsistency(SelfConsistencyOptions(sampling, stopping))
+@dataclass(frozen=True, slots=True)
+class Components:
+    """What an algorithm may be built with beside its sampling options."""
+
+    scorer: OutcomeScorer | None = None
+    """The outcome scorer (best-of-N)."""
+    stopping: StopRule | None = None
+    process_scorer: ProcessScorer | None = None
+    """The process scorer (step-wise searches)."""
+    search: SearchOptions | None = None
+    """Step splitting, width, M, aggregation and vote of a step-wise search (its sampling is replaced)."""
+
+
+Factory = Callable[[SamplingOptions, Components], Algorithm]
+_O = TypeVar("_O", BeamSearchOptions, DVTSOptions)
+
+
+def _self_consistency(sampling: SamplingOptions, parts: Components) -> Algorithm:
+    return SelfConsistency(SelfConsistencyOptions(sampling, parts.stopping))
 
 
 # "No-think": the answer alone, no working. Cheap enough to probe every prompt with, and right on
@@ -27,24 +55,22 @@ DIRECT_SYSTEM_PROMPT = "Give only the final answer, as 'The answer is N'."
 DIRECT_MAX_TOKENS = 24
 
 
-def _direct(sampling: SamplingOptions, scorer: OutcomeScorer | None, stopping: StopRule | None) -> Algorithm:
+def _direct(sampling: SamplingOptions, parts: Components) -> Algorithm:
     direct = replace(sampling, system_prompt=DIRECT_SYSTEM_PROMPT, prompt_mode=None,
                      max_tokens=min(sampling.max_tokens, DIRECT_MAX_TOKENS), min_tokens=min(sampling.min_tokens, 4))
-    return SelfConsistency(SelfConsistencyOptions(direct, stopping))
+    return SelfConsistency(SelfConsistencyOptions(direct, parts.stopping))
 
 
-def _best_of_n(sampling: SamplingOptions, scorer: OutcomeScorer | None, stopping: StopRule | None) -> Algorithm:
-    return BestOfN(BestOfNOptions(sampling, stopping=stopping), scorer=scorer)
+def _best_of_n(sampling: SamplingOptions, parts: Components) -> Algorithm:
+    return BestOfN(BestOfNOptions(sampling, stopping=parts.stopping), scorer=parts.scorer)
 
 
-def _weighted_best_of_n(sampling: SamplingOptions, scorer: OutcomeScorer | None,
-                        stopping: StopRule | None) -> Algorithm:
-    return BestOfN(BestOfNOptions(sampling, weighted=True, stopping=stopping), scorer=scorer)
+def _weighted_best_of_n(sampling: SamplingOptions, parts: Components) -> Algorithm:
+    return BestOfN(BestOfNOptions(sampling, weighted=True, stopping=parts.stopping), scorer=parts.scorer)
 
 
-def _budget_forcing(sampling: SamplingOptions, scorer: OutcomeScorer | None,
-                    stopping: StopRule | None) -> Algorithm:
-    return _forcing(BudgetForcingOptions(), sampling, stopping)
+def _budget_forcing(sampling: SamplingOptions, parts: Components) -> Algorithm:
+    return _forcing(BudgetForcingOptions(), sampling, parts.stopping)
 
 
 def _forcing(options: BudgetForcingOptions, sampling: SamplingOptions, stopping: StopRule | None) -> Algorithm:
@@ -53,9 +79,8 @@ def _forcing(options: BudgetForcingOptions, sampling: SamplingOptions, stopping:
     return BudgetForcing(replace(options, sampling=sampling))
 
 
-def _program_aided(sampling: SamplingOptions, scorer: OutcomeScorer | None,
-                   stopping: StopRule | None) -> Algorithm:
-    return _programs(ProgramAidedOptions(), sampling, stopping)
+def _program_aided(sampling: SamplingOptions, parts: Components) -> Algorithm:
+    return _programs(ProgramAidedOptions(), sampling, parts.stopping)
 
 
 def _programs(options: ProgramAidedOptions, sampling: SamplingOptions, stopping: StopRule | None) -> Algorithm:
@@ -66,6 +91,27 @@ def _programs(options: ProgramAidedOptions, sampling: SamplingOptions, stopping:
     return ProgramAided(replace(options, sampling=sampling, stopping=stopping))
 
 
+def _beam_search(sampling: SamplingOptions, parts: Components) -> Algorithm:
+    options = _search_options(BeamSearchOptions, sampling, parts)
+    return BeamSearch(options, process_scorer=parts.process_scorer)
+
+
+def _dvts(sampling: SamplingOptions, parts: Components) -> Algorithm:
+    return DVTS(_search_options(DVTSOptions, sampling, parts), process_scorer=parts.process_scorer)
+
+
+def _search_options(cls: type[_O], sampling: SamplingOptions, parts: Components) -> _O:
+    """``cls`` from ``parts.search`` (either class: their fields are the same), with ``sampling``.
+    The process scorer is checked when the search runs, so that a name can be validated without one."""
+    if parts.stopping is not None:
+        raise ConfigError("a step-wise search takes no stopping rule: its width and the budget end it")
+    if sampling.system_prompt == DEFAULT_SYSTEM_PROMPT:  # as for programs: steps need asking for
+        sampling = replace(sampling, system_prompt=STEP_SYSTEM_PROMPT)
+    given = parts.search
+    settings = {f.name: getattr(given, f.name) for f in fields(given)} if given is not None else {}
+    return cls(**{**settings, "sampling": sampling})
+
+
 ALGORITHMS: dict[str, Factory] = {
     "self-consistency": _self_consistency,
     "direct": _direct,
@@ -73,23 +119,33 @@ ALGORITHMS: dict[str, Factory] = {
     "weighted-best-of-n": _weighted_best_of_n,
     "budget-forcing": _budget_forcing,
     "program-aided": _program_aided,
+    "beam-search": _beam_search,
+    "dvts": _dvts,
 }
+SEARCHES = ("beam-search", "dvts")
+"""The step-wise searches: they take a process scorer and ``search`` settings."""
 _ALIASES = {"sc": "self-consistency", "majority": "self-consistency", "bon": "best-of-n",
             "weighted-bon": "weighted-best-of-n", "wbon": "weighted-best-of-n", "s1": "budget-forcing",
-            "forcing": "budget-forcing", "pal": "program-aided", "programs": "program-aided"}
+            "forcing": "budget-forcing", "pal": "program-aided", "programs": "program-aided",
+            "beam": "beam-search"}
 
 
 def make_algorithm(name: str, sampling: SamplingOptions | None = None,
                    scorer: OutcomeScorer | None = None, stopping: StopRule | None = None, *,
                    forcing: BudgetForcingOptions | None = None,
-                   programs: ProgramAidedOptions | None = None) -> Algorithm:
+                   programs: ProgramAidedOptions | None = None,
+                   process_scorer: ProcessScorer | None = None,
+                   search: SearchOptions | None = None) -> Algorithm:
     """The algorithm called ``name``; ``forcing`` sets budget forcing's thinking limits and
-    markers, ``programs`` program-aided's sandbox limits (the ``sampling`` of either is replaced
-    by ``sampling``)."""
+    markers, ``programs`` program-aided's sandbox limits, ``search`` a step-wise search's settings
+    (the ``sampling`` of each is replaced by ``sampling``); ``process_scorer`` guides a step-wise
+    search (beam search and DVTS refuse to run without one)."""
     key = _ALIASES.get(name.lower(), name.lower())
     factory = ALGORITHMS.get(key)
     if factory is None:
         raise ConfigError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
+    if (process_scorer is not None or search is not None) and key not in SEARCHES:
+        raise ConfigError(f"a process scorer and step-search settings go with {' or '.join(SEARCHES)}, not {key}")
     if forcing is not None:
         if key != "budget-forcing":
             raise ConfigError(f"thinking-token limits and markers are budget forcing's settings, not {key}'s")
@@ -98,4 +154,4 @@ def make_algorithm(name: str, sampling: SamplingOptions | None = None,
         if key != "program-aided":
             raise ConfigError(f"program time and memory limits are program-aided's settings, not {key}'s")
         return _programs(programs, sampling or SamplingOptions(), stopping)
-    return factory(sampling or SamplingOptions(), scorer, stopping)
+    return factory(sampling or SamplingOptions(), Components(scorer, stopping, process_scorer, search))

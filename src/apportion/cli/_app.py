@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -26,6 +27,7 @@ from apportion.lm.openai_http import (
 )
 from apportion.reward import SCORERS
 from apportion.reward.base import OutcomeScorer
+from apportion.reward.process import ProcessScorer
 
 app = typer.Typer(
     name="apportion",
@@ -112,6 +114,23 @@ def make_scorer(name: str) -> OutcomeScorer:
     return factory()
 
 
+
+
+PLANNED_PROCESS_SCORERS = ("judge", "prm", "verifier")
+
+
+def make_process_scorer(name: str) -> ProcessScorer:
+    """The process scorer called ``name``, from ``apportion.reward.PROCESS_SCORERS`` (name to a
+    factory of no arguments); a clear ConfigError for a name this build does not have."""
+    import apportion.reward as reward
+
+    table: dict[str, Callable[[], ProcessScorer]] = getattr(reward, "PROCESS_SCORERS", {})
+    factory = table.get(name)
+    if factory is None:
+        known = ", ".join(sorted(table)) or "none yet"
+        planned = f" ({name!r} is planned but not in this build)" if name in PLANNED_PROCESS_SCORERS else ""
+        raise ConfigError(f"unknown or unavailable process scorer {name!r}{planned}; available: {known}")
+    return factory()
 
 
 def checked_preflight(backend: Backend, console: Console) -> None:

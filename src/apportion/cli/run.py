@@ -16,10 +16,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from apportion.algorithms.base import check_budget_can_bind
+from apportion.algorithms.beam_search import BeamSearchOptions
 from apportion.algorithms.budget_forcing import BudgetForcingOptions
 from apportion.algorithms.program_aided import ProgramAidedOptions
 from apportion.algorithms.prompting import PROMPT_MODES, parse_prompt_mode
-from apportion.algorithms.registry import ALGORITHMS, make_algorithm
+from apportion.algorithms.registry import ALGORITHMS, SEARCHES, make_algorithm
 from apportion.algorithms.stopping import STOP_RULES, parse_stop
 from apportion.batch import Item, answer_many, read_items
 from apportion.budget.units import Budget
@@ -42,6 +43,7 @@ from apportion.cli._app import (
     checked_preflight,
     fail,
     make_backend,
+    make_process_scorer,
     make_scorer,
     sampling_options,
 )
@@ -113,6 +115,16 @@ def run(
         help="program-aided: seconds each program may run, wall and CPU (default 5).")] = None,
     program_memory_mb: Annotated[int | None, typer.Option(
         help="program-aided: memory each program's interpreter may use, in MB (default 512).")] = None,
+    process_scorer: Annotated[str | None, typer.Option(
+        "--process-scorer", help="beam-search, dvts: what rates each step (required), e.g. 'judge' (an LLM judge "
+                                 "through the same backend).")] = None,
+    beam_width: Annotated[int | None, typer.Option(
+        help="beam-search, dvts: M, the next steps asked of each kept path or subtree (default 4).")] = None,
+    aggregation: Annotated[str | None, typer.Option(
+        help="beam-search, dvts: a path's score from its step scores: last, min, product or mean "
+             "(default last).")] = None,
+    max_steps: Annotated[int | None, typer.Option(
+        help="beam-search, dvts: the most steps a path may take (default 16).")] = None,
     total_budget: Annotated[str | None, typer.Option(
         "--total-budget", help="With --file: one budget for the whole file, shared out by --policy "
                                "(the same as `apportion batch`); --budget is then unused.")] = None,
@@ -180,10 +192,15 @@ def run(
         sampling = replace(sampling, prompt_mode=parse_prompt_mode(prompt_mode))
         forcing = _forcing_options(min_thinking_tokens, max_thinking_tokens, end_marker, answer_cue)
         programs = _program_options(program_time_limit, program_memory_mb)
+        search = _search_options(beam_width, aggregation, max_steps)
+        chosen_process = make_process_scorer(process_scorer) if process_scorer is not None else None
         others: list[Backend] = []
         if cascade is None:
             chosen = make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing,
-                                    programs=programs)  # validates before any work
+                                    programs=programs, process_scorer=chosen_process,
+                                    search=search)  # validates before any work
+            if chosen.name in SEARCHES and chosen_process is None:
+                raise ConfigError(f"{chosen.name} needs --process-scorer, what rates each step")
             backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
             check_budget_can_bind(parsed_budget, backend, chosen)
         else:
@@ -198,7 +215,8 @@ def run(
     def algorithm_for() -> Any:
         if cascade is not None:
             return cascade_algorithm(cascade, backends, sampling)[1]
-        return make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing, programs=programs)
+        return make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing, programs=programs,
+                              process_scorer=chosen_process, search=search)
 
     if items is not None:
         assert out is not None
@@ -255,6 +273,17 @@ def _forcing_options(min_thinking: int | None, max_thinking: int | None, end_mar
     if given.get("end_marker") == "":
         given["end_marker"] = None
     return BudgetForcingOptions(**given)  # type: ignore[arg-type]
+
+
+def _search_options(beam_width: int | None, aggregation: str | None,
+                    max_steps: int | None) -> BeamSearchOptions | None:
+    """A step-wise search's settings where any was given (None: the search's defaults)."""
+    if beam_width is None and aggregation is None and max_steps is None:
+        return None
+    defaults = BeamSearchOptions()
+    steps = defaults.steps if max_steps is None else replace(defaults.steps, max_steps=max_steps)
+    return BeamSearchOptions(beam_width=defaults.beam_width if beam_width is None else beam_width,
+                             aggregation=aggregation or defaults.aggregation, steps=steps)
 
 
 def _program_options(time_limit: float | None, memory_mb: int | None) -> ProgramAidedOptions | None:
@@ -356,6 +385,11 @@ def _render(result: Result, console: Console) -> None:
         f"{s.seconds:.2f} s, {s.calls} call(s)" + (f", {s.tool_calls} tool call(s)" if s.tool_calls else "")
         + (" (estimated)" if s.estimated else "")
     )
+    if result.search is not None:
+        found = result.search
+        console.print(f"[bold]Search:[/bold] {found.steps} step(s), {found.round_trips} round trip(s), "
+                      f"{found.requests} step request(s), {found.scoring_calls} scoring call(s); "
+                      f"chosen path: #{'-' if found.chosen is None else found.chosen + 1}")
     console.print(f"[bold]Budget:[/bold] {result.budget}"
                   + (f" - exhausted ({result.exhausted_reason})" if result.exhausted else "")
                   + (f" - stopped early by {result.stop_reason} after {s.generations} generation(s)"
