@@ -136,6 +136,31 @@ def test_beam_search_finds_the_known_path_in_one_round_of_requests_per_step():
     assert [len(r) for r in scorer.rounds] == [4, 4, 2]
 
 
+def test_beam_search_with_the_step_judge_through_the_policy_backend():
+    from apportion.lm.scripted import Reply
+    from apportion.reward.process_judge import DEFAULT_STEP_SYSTEM, JudgeProcessScorer
+
+    good = ("Multiply 6 by 7.", "6 * 7 = 42.", "The answer is 42.")
+    policy = tree_backend()
+
+    def reply(prompt, params, call, i):
+        if prompt.messages and prompt.messages[0].content == DEFAULT_STEP_SYSTEM:  # the judge's prompt
+            step = prompt.messages[-1].content.split("New step:\n", 1)[1].split("\n", 1)[0]
+            return Reply("Yes" if any(g in step for g in good) else "No", logprob=-0.05)
+        return policy._reply(prompt, params, call, i)
+
+    lm = ScriptedBackend(reply)
+    result = run(BeamSearch(BeamSearchOptions(beam_width=2), process_scorer=JudgeProcessScorer()), lm,
+                 Budget(generations=4, total_tokens=5000))
+    assert result.answer == "42"
+    assert result.candidates[result.search.chosen].steps == good
+    s = result.search
+    assert s.scoring_calls == result.spent.scorer_generations > 0  # one judge request per new prefix
+    # the best path and the first of the tied others are kept; the latter ends at once (answer 13)
+    assert s.round_trips == s.steps + 3 and s.requests == 1 + 2 + 1 and s.scoring_calls == 4 + 3 + 1
+    assert result.spent.generations == len(result.candidates) == 4
+
+
 def test_finished_paths_leave_the_beam_and_the_beam_narrows():
     tree = {**TREE, "": ["The answer is 5.", "Multiply 6 by 7.", "Add 6 and 7.", "Write 6 * 7."]}
     lm = tree_backend(tree)
@@ -353,7 +378,7 @@ def test_the_command_line_runs_a_search_over_http(monkeypatch):
 
     from typer.testing import CliRunner
 
-    import apportion.reward
+    import apportion.cli._app
     from apportion.cli import app
     from tests.support.fake_openai import FakeOpenAI
 
@@ -364,7 +389,7 @@ def test_the_command_line_runs_a_search_over_http(monkeypatch):
         done = _steps_of(messages[-1]["content"]) if messages[-1]["role"] == "assistant" else []
         return steps[len(done)]
 
-    monkeypatch.setattr(apportion.reward, "PROCESS_SCORERS", {"table": TableScorer}, raising=False)
+    monkeypatch.setitem(apportion.cli._app.PROCESS_SCORERS, "table", TableScorer)
     with FakeOpenAI(reply) as server:
         result = CliRunner().invoke(app, [
             "run", QUESTION, "--algorithm", "beam-search", "--process-scorer", "table", "--beam-width", "2",
@@ -390,7 +415,17 @@ def test_the_command_line_refuses_a_search_without_a_process_scorer():
     assert missing.exit_code == 2 and "needs --process-scorer" in missing.output
     unknown = CliRunner().invoke(app, ["run", QUESTION, "--algorithm", "dvts", "--process-scorer", "nonesuch",
                                        "--base-url", "http://127.0.0.1:9/v1", "--model", "m"])
-    assert unknown.exit_code == 2 and "unavailable process scorer 'nonesuch'" in unknown.output
+    assert unknown.exit_code == 2 and "unknown process scorer 'nonesuch'" in unknown.output
+    prm = CliRunner().invoke(app, ["run", QUESTION, "--algorithm", "dvts", "--process-scorer", "prm",
+                                   "--base-url", "http://127.0.0.1:9/v1", "--model", "m"])
+    assert prm.exit_code == 2 and "PRMClient" in prm.output
+
+
+def test_the_command_line_process_scorers_are_process_scorers():
+    from apportion.cli._app import PROCESS_SCORERS, make_process_scorer
+
+    assert {"judge", "game24"} <= set(PROCESS_SCORERS)
+    assert all(isinstance(make_process_scorer(name), ProcessScorer) for name in PROCESS_SCORERS)
 
 
 # -- the budget ------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from apportion.lm.openai_http import (
 from apportion.reward import SCORERS
 from apportion.reward.base import OutcomeScorer
 from apportion.reward.process import ProcessScorer
+from apportion.reward.process_judge import JudgeProcessScorer
+from apportion.reward.verifiers import CallableVerifier, game24_verifier
 
 app = typer.Typer(
     name="apportion",
@@ -116,20 +118,24 @@ def make_scorer(name: str) -> OutcomeScorer:
 
 
 
-PLANNED_PROCESS_SCORERS = ("judge", "prm", "verifier")
+PROCESS_SCORERS: dict[str, Callable[[], ProcessScorer]] = {
+    "judge": JudgeProcessScorer,  # the policy model judges each new step, through the same backend
+    "game24": lambda: CallableVerifier(game24_verifier, name="game24"),
+}
+_NOT_ON_THE_COMMAND_LINE = {
+    "prm": "a process reward model needs its server: build PRMClient(PRMOptions(base_url=..., model=...)) "
+           "in Python (the command line does not take one yet)",
+}
 
 
 def make_process_scorer(name: str) -> ProcessScorer:
-    """The process scorer called ``name``, from ``apportion.reward.PROCESS_SCORERS`` (name to a
-    factory of no arguments); a clear ConfigError for a name this build does not have."""
-    import apportion.reward as reward
-
-    table: dict[str, Callable[[], ProcessScorer]] = getattr(reward, "PROCESS_SCORERS", {})
-    factory = table.get(name)
+    """The process scorer of ``--process-scorer NAME``; a clear ConfigError for any other name."""
+    factory = PROCESS_SCORERS.get(name)
     if factory is None:
-        known = ", ".join(sorted(table)) or "none yet"
-        planned = f" ({name!r} is planned but not in this build)" if name in PLANNED_PROCESS_SCORERS else ""
-        raise ConfigError(f"unknown or unavailable process scorer {name!r}{planned}; available: {known}")
+        why = _NOT_ON_THE_COMMAND_LINE.get(name)
+        if why is not None:
+            raise ConfigError(f"process scorer {name!r}: {why}")
+        raise ConfigError(f"unknown process scorer {name!r}; known: {', '.join(PROCESS_SCORERS)}")
     return factory()
 
 

@@ -116,8 +116,9 @@ def run(
     program_memory_mb: Annotated[int | None, typer.Option(
         help="program-aided: memory each program's interpreter may use, in MB (default 512).")] = None,
     process_scorer: Annotated[str | None, typer.Option(
-        "--process-scorer", help="beam-search, dvts: what rates each step (required), e.g. 'judge' (an LLM judge "
-                                 "through the same backend).")] = None,
+        "--process-scorer", help="beam-search, dvts: what rates each step (required): 'judge' (the model "
+                                 "judges each new step, through the same backend) or 'game24' (the Game of 24 "
+                                 "verifier).")] = None,
     beam_width: Annotated[int | None, typer.Option(
         help="beam-search, dvts: M, the next steps asked of each kept path or subtree (default 4).")] = None,
     aggregation: Annotated[str | None, typer.Option(
