@@ -421,6 +421,19 @@ def test_the_command_line_refuses_a_search_without_a_process_scorer():
     assert prm.exit_code == 2 and "PRMClient" in prm.output
 
 
+def test_a_batch_refuses_a_search_it_cannot_give_a_process_scorer(tmp_path):
+    from typer.testing import CliRunner
+
+    from apportion.cli import app
+
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text('{"question": "What is 6 * 7?"}\n')
+    out = CliRunner().invoke(app, ["run", "--file", str(prompts), "--out", str(tmp_path / "a.jsonl"),
+                                   "--total-budget", "gen=8", "--algorithm", "beam-search",
+                                   "--base-url", "http://127.0.0.1:9/v1", "--model", "m"])
+    assert out.exit_code == 2 and "does not take yet" in out.output
+
+
 def test_the_command_line_process_scorers_are_process_scorers():
     from apportion.cli._app import PROCESS_SCORERS, make_process_scorer
 
