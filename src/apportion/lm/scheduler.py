@@ -66,9 +66,9 @@ class DecodeModel(KVOps, Protocol):
 class SchedulerOptions:
     slots: int = 8
     """Sequences decoded together."""
-    kv_cells: int = 16384
+    kv_cells: int = 8192
     """Size of the KV cache in cells (tokens), shared by every sequence and the prefix cache."""
-    cache_cells: int = 8192
+    cache_cells: int = 2048
     """Most cells that only prefix-cache entries hold (at most kv_cells in effect)."""
     cache_entries: int = 32
     """Most prefix-cache entries (each is a sequence id of the model)."""
