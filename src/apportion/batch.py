@@ -125,10 +125,20 @@ async def answer_many(
                 return Outcome(item, None, f"line {item.line}: {type(exc).__name__}: {exc}")
         return Outcome(item, result, None if result.error is None else f"line {item.line}: {result.error}")
 
-    tasks = [asyncio.ensure_future(one(item)) for item in items]
+    # Tasks are handed over as they finish, and forgotten once their outcome is yielded: a long
+    # batch does not keep every result it has already given away (nor make the garbage collector
+    # walk them all again and again).
+    finished: asyncio.Queue[asyncio.Task[Outcome]] = asyncio.Queue()
+    pending: set[asyncio.Task[Outcome]] = set()
+    for item in items:
+        task = asyncio.ensure_future(one(item))
+        task.add_done_callback(finished.put_nowait)
+        pending.add(task)
     try:
-        for next_done in asyncio.as_completed(tasks):
-            yield await next_done
+        for _ in range(len(pending)):
+            task = await finished.get()
+            pending.discard(task)
+            yield task.result()
     finally:
-        for task in tasks:
+        for task in pending:
             task.cancel()

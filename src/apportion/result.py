@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from operator import attrgetter
 from typing import Any
 
+from apportion._slots import slot_builder
 from apportion.budget.ledger import CallRecord
 from apportion.budget.units import Budget, Spend
 from apportion.lm.base import Sample
@@ -39,8 +41,20 @@ class Candidate:
     @classmethod
     def from_sample(cls, sample: Sample, answer: str | None, raw: str | None, method: str | None,
                     model: str | None = None) -> Candidate:
-        return cls(sample.text, answer, raw, method, sample.finish_reason, sample.output_tokens,
-                   sample.mean_logprob, logprobs=sample.logprobs, confidences=sample.confidences, model=model)
+        if cls is not Candidate:
+            return cls(sample.text, answer, raw, method, sample.finish_reason, sample.output_tokens,
+                       sample.mean_logprob, logprobs=sample.logprobs, confidences=sample.confidences, model=model)
+        return _candidate_from_sample(sample.text, answer, raw, method,  # type: ignore[no-any-return]
+                                      sample.finish_reason, sample.output_tokens, sample.mean_logprob,
+                                      sample.logprobs, sample.confidences, model)
+
+    def with_votes(self, votes: int) -> Candidate:
+        """This candidate with ``votes`` set: ``dataclasses.replace(self, votes=votes)``."""
+        if type(self) is not Candidate:
+            return replace(self, votes=votes)
+        values = list(_candidate_values(self))
+        values[_VOTES_AT] = votes
+        return _build_candidate(*values)  # type: ignore[no-any-return]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +71,14 @@ class Candidate:
             **({"steps": list(self.steps), "step_scores": list(self.step_scores or ())}
                if self.steps is not None else {}),
         }
+
+
+# A vote builds two candidates per sample, drawn and then a copy with its votes (``_slots``).
+_build_candidate = slot_builder(Candidate)
+_candidate_from_sample = slot_builder(Candidate, ("text", "answer", "raw_answer", "extraction", "finish_reason",
+                                                  "output_tokens", "mean_logprob", "logprobs", "confidences", "model"))
+_candidate_values = attrgetter(*(f.name for f in fields(Candidate)))
+_VOTES_AT = [f.name for f in fields(Candidate)].index("votes")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ import httpx
 import pytest
 
 from apportion import Budget, HTTPOptions, OpenAIHTTPBackend, SamplingOptions, make_algorithm
+from apportion.answers.extract import read_answer
+from apportion.bench.mock_server import InstantBackend, reply_text
 from apportion.bench.overhead import (
     MOCK_MODEL,
     REPLY_TOKENS,
@@ -21,6 +23,7 @@ from apportion.bench.overhead import (
     write,
 )
 from apportion.errors import ConfigError
+from apportion.lm.base import Prompt, SamplingParams
 from tests.support.fake_openai import FakeOpenAI
 
 CONFIG = OverheadConfig(budgets=(1, 4), concurrencies=(1, 2), questions=4, repeats=1)
@@ -67,7 +70,10 @@ def test_report_is_json_and_a_table(report, tmp_path):
     write(report, path)
     again = json.loads(path.read_text())
     assert again["config"]["budgets"] == [1, 4] and again["config"]["questions"] == 4
-    assert set(again["summary"]) >= {"ratio", "orchestration_ms_per_generation", "orchestration_ms_per_request"}
+    assert set(again["summary"]) >= {"ratio", "orchestration_ms_per_generation", "orchestration_ms_per_request",
+                                     "orchestration_cpu_ms_per_request", "by_budget"}
+    assert set(again["summary"]["by_budget"]) == {"1", "4"}
+    assert all(math.isfinite(c["orchestration_cpu_ms_per_request"]) for c in again["cells"])
     lines = table(report).splitlines()
     assert len(lines) == 2 + 4 and all(line.endswith("| ok |") for line in lines[2:])
 
@@ -85,3 +91,26 @@ async def test_the_bare_client_posts_exactly_what_self_consistency_sends():
 def test_bad_grids_are_refused(kw):
     with pytest.raises(ConfigError):
         OverheadConfig(**kw)
+
+
+async def test_the_instant_server_sends_every_sample_its_own_text():
+    backend = InstantBackend()
+    params = SamplingParams(n=64, max_tokens=64, seed=7, logprobs=True)
+    first = await backend.generate(Prompt.chat("q"), params)
+    again = await backend.generate(Prompt.chat("another question"), params)
+    texts = [s.text for s in first.samples]
+    assert len(set(texts)) == 64 and texts == [s.text for s in again.samples]  # distinct, and the seed decides
+    assert texts == [reply_text(7, i) for i in range(64)]
+    other = await backend.generate(Prompt.chat("q"), SamplingParams(n=64, max_tokens=64, seed=8))
+    assert not set(texts) & {s.text for s in other.samples}
+    found = [read_answer(t) for t in texts]
+    assert all(a is not None for a, _, _ in found)
+    assert 3 <= len({a for a, _, _ in found}) < 64  # a vote: answers repeat, and not all agree
+    assert len({method for _, _, method in found}) >= 3  # several ways of writing the answer
+    assert all(s.output_tokens == REPLY_TOKENS and len(s.logprobs or ()) == REPLY_TOKENS for s in first.samples)
+    assert first.usage.output_tokens == 64 * REPLY_TOKENS and other.samples[0].logprobs is None
+
+
+async def test_the_instant_server_can_still_send_one_fixed_text():
+    completion = await InstantBackend(distinct=False).generate(Prompt.chat("q"), SamplingParams(n=3, max_tokens=64))
+    assert [s.text for s in completion.samples] == ["The answer is 42."] * 3

@@ -10,10 +10,11 @@ were charged where they were drawn, so a resumed run is given the same ledger, t
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 from apportion._sync import run_sync
@@ -172,7 +173,7 @@ class Algorithm(ABC):
         options = getattr(self, "options", None)
         if options is None:
             return {}
-        out = asdict(options)
+        out = _asdict(options)
         rule = getattr(options, "stopping", None)
         if "stopping" in out:
             out["stopping"] = rule.describe() if rule is not None else None
@@ -201,6 +202,26 @@ class Algorithm(ABC):
         system = next((m.content for m in prompt_obj.messages if m.role == "system"), None)
         return RunContext(MeteredLM(lm, ledger), prompt_obj, question, ledger.budget, seed,
                           self.equivalence, self.name, self.options_dict(), placeholder=placeholder_in(system))
+
+
+_ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
+def _asdict(obj: Any) -> Any:
+    """``dataclasses.asdict``, with its values of atomic types taken as they are rather than
+    through ``copy.deepcopy`` (which returns them unchanged, at a cost: every run records its
+    options). The same result otherwise, branch for branch."""
+    if type(obj) in _ATOMIC:
+        return obj
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _asdict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)(*[_asdict(v) for v in obj])
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_asdict(v) for v in obj)
+    if isinstance(obj, dict):
+        return type(obj)((_asdict(k), _asdict(v)) for k, v in obj.items())
+    return copy.deepcopy(obj)
 
 
 def server_warnings(trace: Sequence[CallRecord]) -> list[str]:

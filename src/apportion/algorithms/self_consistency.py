@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from apportion.algorithms.base import Algorithm, SamplingOptions, sample_batches
 from apportion.algorithms.stopping import StopRule
-from apportion.algorithms.voting import tally
+from apportion.algorithms.voting import Tally, tally
 from apportion.answers.equivalence import Equivalence
 from apportion.budget.ledger import Ledger
 from apportion.budget.units import Budget
@@ -42,9 +42,14 @@ class SelfConsistency(Algorithm):
         candidates: list[Candidate] = list(prior)
 
         rule = self.options.stopping
+        votes: tuple[int, Tally] | None = None  # the vote over the first n candidates, kept for the final result
 
         def current(final: bool) -> Result:
-            t = tally(candidates, ctx.equivalence, rule.vote_weights(candidates) if rule else None)
+            nonlocal votes
+            if votes is None or votes[0] != len(candidates):  # candidates only grow
+                votes = (len(candidates), tally(candidates, ctx.equivalence,
+                                                rule.vote_weights(candidates) if rule else None))
+            t = votes[1]
             response = candidates[t.winner_index].text if t.winner_index is not None else None
             return ctx.result(answer=t.winner, response=response, candidates=t.candidates,
                               distribution=t.distribution, final=final)

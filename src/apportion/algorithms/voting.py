@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from apportion.answers.equivalence import Equivalence
 from apportion.result import Candidate
@@ -50,9 +50,8 @@ def tally(candidates: Sequence[Candidate], equivalence: Equivalence,
             confidence[k] += math.exp(c.mean_logprob)
         if first[k] < 0:
             first[k] = i
-    voted = tuple(
-        replace(c, votes=count[k] if k is not None else 0) for c, k in zip(candidates, classes)
-    )
+    voted = tuple(c if c.votes == (v := count[k] if k is not None else 0) else c.with_votes(v)
+                  for c, k in zip(candidates, classes))
     groups = tuple(None if k is None else candidates[first[k]].answer for k in classes)
     order = sorted(range(n_classes), key=lambda k: (-weight[k], first[k]))
     distribution = {candidates[first[k]].answer or "": weight[k] for k in order}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+from functools import lru_cache
 
 _WRAPPERS = (
     (re.compile(r"^\\\((.*)\\\)$", re.S), r"\1"),
@@ -27,44 +28,66 @@ _NUMBER_WITH_UNIT = re.compile(
 _CURRENCY = re.compile(r"^(?:\\\$|\$|USD\s*|US\$|€|£|rs\.?\s*)", re.IGNORECASE)
 _SPACE_CMDS = re.compile(r"\\[,;:! ]|\\quad|\\qquad|~")
 _DEGREES = re.compile(r"\^\s*\{?\\circ\}?|°")
+_SPACES = re.compile(r"\s+")
+# Where each wrapper pattern must start (all are anchored at ^): a string starting otherwise has none.
+_WRAPPER_STARTS = ("\\", "$", "*")
+# Normalised answers repeat (a vote is many samples agreeing), so each distinct spelling is worked
+# out once per process; the function is pure, so the cache cannot change an answer.
+_CACHE_SIZE = 1 << 14
 
 
+@lru_cache(maxsize=_CACHE_SIZE)
 def normalize_answer(raw: str) -> str:
     """A cleaned, comparable form of an extracted answer (never empty for non-empty input)."""
+    if raw.isascii() and raw.isdigit() and len(raw) <= _MAX_NUMBER_CHARS:  # the common case, as below
+        return str(int(raw))
     s = raw.strip()
     for _ in range(3):  # wrappers nest: $\boxed{...}$, **$x$**
         before = s
-        for pattern, repl in _WRAPPERS:
-            s = pattern.sub(repl, s).strip()
+        if s.startswith(_WRAPPER_STARTS):
+            for pattern, repl in _WRAPPERS:
+                s = pattern.sub(repl, s).strip()
         s = s.rstrip(".").strip()
         if s == before:
             break
-    s = _TEXT_CMD.sub(r" \1", s)
-    s = _SPACE_CMDS.sub(" ", s)
-    s = _DEGREES.sub("", s)
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "")
-    s = _FRAC.sub(r"\1/\2", s)
-    s = _FRAC_SHORT.sub(r"\1/\2", s)
-    assign = _ASSIGN.match(s)
-    if assign:
-        s = assign.group(1).strip()
+    # Each rewrite below is skipped where the character every match needs is absent.
+    if "\\" in s:
+        s = _TEXT_CMD.sub(r" \1", s)
+    if "\\" in s or "~" in s:
+        s = _SPACE_CMDS.sub(" ", s)
+    if "^" in s or "°" in s:
+        s = _DEGREES.sub("", s)
+    if "\\" in s:
+        s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "")
+        s = _FRAC.sub(r"\1/\2", s)
+        s = _FRAC_SHORT.sub(r"\1/\2", s)
+    if "=" in s:
+        assign = _ASSIGN.match(s)
+        if assign:
+            s = assign.group(1).strip()
     s = _CURRENCY.sub("", s).strip()
-    s = _THOUSANDS.sub("", s)
+    if "," in s:
+        s = _THOUSANDS.sub("", s)
     numeric = _NUMBER_WITH_UNIT.match(s)
     if numeric:
         s = numeric.group(1)
-    s = re.sub(r"\s+", " ", s).strip()
+    s = _SPACES.sub(" ", s).strip()
     value = numeric_value(s)
     if value is not None:
         return format_number(value)
     return s or raw.strip()
 
 
+_MAX_NUMBER_CHARS = 40
+
+
 def numeric_value(text: str) -> Fraction | None:
     """Exact value of a plain number or simple fraction ("-3", "2.50", "3/4", "-1/2"); else None."""
     t = text.replace(" ", "")
-    if not t or len(t) > 40:
+    if not t or len(t) > _MAX_NUMBER_CHARS:
         return None
+    if t.isascii() and t.isdigit():  # a plain integer: what Fraction(t) would give, without its parser
+        return Fraction(int(t))
     try:
         if "/" in t:
             num, _, den = t.partition("/")

@@ -1,10 +1,10 @@
 """What the engine itself costs: apportion against an instant OpenAI-compatible server, next to the
 same HTTP traffic sent by a bare client.
 
-The server is ``openai_app`` over an ``InstantBackend`` (every request answered at once with
-fixed samples, n honoured) in a separate process (``apportion.bench.mock_server``). For each
-cell of budgets (generations per question) x concurrencies (questions in flight), over the same
-questions:
+The server is ``openai_app`` over an ``InstantBackend`` (every request answered at once, n
+honoured, every sample's text its own: ``mock_server.reply_text``) in a separate process
+(``apportion.bench.mock_server``). For each cell of budgets (generations per question) x
+concurrencies (questions in flight), over the same questions:
 - apportion: self-consistency with ``Budget(generations=b)`` through ``OpenAIHTTPBackend``,
   the questions run by ``batch.answer_many`` with that concurrency;
 - bare: the same requests (the JSON body apportion sends: same n, seed, messages) posted by a
@@ -13,15 +13,21 @@ Both get fresh connection pools of the same size, warmed up before the clock sta
 left between the two is orchestration: budgeting, answer extraction, voting, result building,
 and our client's parsing. The mock counts the requests it served, so extra calls by the engine
 would show (self-consistency sends one n=b request per question: the counts must be equal).
+Distinct reply texts matter: with every sample the same, a cache keyed by text would make
+extraction look free. Each side keeps only counts of what it got (results and replies are dropped
+as they arrive), and garbage is collected before each timed run, so neither pays for the other's.
 
 Repeats are interleaved (every cell once, then again, alternating which side goes first) and
 each figure is a median, because this machine's CPU time is stolen in bursts; each cell also
-reports the client process's CPU time, which steal disturbs less than wall time.
+reports the client process's CPU time, which steal disturbs less than wall time. Orchestration is
+reported per request and per generation, apportion minus bare, in wall and in CPU milliseconds,
+and per budget (``summary.by_budget``: the median and the worst cell over concurrencies).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import json
 import os
@@ -38,7 +44,7 @@ import httpx
 from apportion.algorithms.base import SamplingOptions
 from apportion.algorithms.registry import make_algorithm
 from apportion.batch import Item, answer_many
-from apportion.bench.mock_server import MOCK_MODEL, REPLY, REPLY_TOKENS, MockServer
+from apportion.bench.mock_server import MOCK_MODEL, REPLY_TOKENS, MockServer, reply_text
 
 # the instant server's other names, importable from here as before the server had its own module
 from apportion.bench.mock_server import REPLY_LOGPROB as REPLY_LOGPROB
@@ -121,6 +127,7 @@ async def _stats(stats_client: httpx.AsyncClient) -> dict[str, int]:
 async def _timed(stats_client: httpx.AsyncClient,
                  work: Callable[[], Awaitable[tuple[int, int, int]]]) -> SideRun:
     before = await _stats(stats_client)
+    gc.collect()  # the garbage of whatever ran before is not this run's to collect
     wall, cpu = time.perf_counter(), time.process_time()
     generations, output_tokens, calls = await work()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -136,15 +143,20 @@ async def _apportion_side(base_url: str, stats_client: httpx.AsyncClient, cell: 
     items = [Item(line, line, q) for line, q in enumerate(_questions(config), start=1)]
 
     async def work() -> tuple[int, int, int]:
-        outcomes = [o async for o in answer_many(lambda: make_algorithm("self-consistency", sampling), backend,
-                                                 items, Budget(generations=cell.budget), concurrency=cell.concurrency,
-                                                 seed=config.seed)]
-        failed = [o.error for o in outcomes if o.result is None]
+        # Each result is counted as it arrives and dropped, as the bare side drops each reply.
+        generations = output_tokens = calls = 0
+        failed: list[str | None] = []
+        async for o in answer_many(lambda: make_algorithm("self-consistency", sampling), backend, items,
+                                   Budget(generations=cell.budget), concurrency=cell.concurrency, seed=config.seed):
+            if o.result is None:
+                failed.append(o.error)
+                continue
+            spent = o.result.spent
+            generations, output_tokens, calls = (generations + spent.generations,
+                                                 output_tokens + spent.output_tokens, calls + spent.calls)
         if failed:
             raise RuntimeError(f"{len(failed)} question(s) failed, first: {failed[0]}")
-        results = [o.result for o in outcomes if o.result is not None]
-        return (sum(r.spent.generations for r in results), sum(r.spent.output_tokens for r in results),
-                sum(r.spent.calls for r in results))
+        return generations, output_tokens, calls
 
     try:
         warm = Prompt.chat("warm-up", system=sampling.system_prompt)
@@ -240,6 +252,7 @@ def _cell_row(cell: _Cell, pairs: list[tuple[SideRun, SideRun]], config: Overhea
     generations = config.questions * cell.budget
     requests = max(r.requests for r in ours)
     difference = statistics.median(o.wall_s - b.wall_s for o, b in pairs)
+    cpu_difference = statistics.median(o.cpu_s - b.cpu_s for o, b in pairs)
     expected_tokens = generations * REPLY_TOKENS
     checks = {
         "generations": all(r.generations == generations == r.served_samples for r in ours + bare),
@@ -257,8 +270,11 @@ def _cell_row(cell: _Cell, pairs: list[tuple[SideRun, SideRun]], config: Overhea
         "ratio": statistics.median(o.wall_s / b.wall_s for o, b in pairs),
         "orchestration_ms_per_generation": difference / generations * 1000,
         "orchestration_ms_per_request": difference / requests * 1000,
+        "orchestration_cpu_ms_per_request": cpu_difference / requests * 1000,
         "apportion_cpu_s": statistics.median(r.cpu_s for r in ours),
         "bare_cpu_s": statistics.median(r.cpu_s for r in bare),
+        "apportion_cpu_ms_per_request": statistics.median(r.cpu_s for r in ours) / requests * 1000,
+        "bare_cpu_ms_per_request": statistics.median(r.cpu_s for r in bare) / requests * 1000,
         "apportion_requests": requests,
         "bare_requests": max(r.requests for r in bare),
         "apportion_generations": max(r.generations for r in ours),
@@ -281,8 +297,24 @@ def _summary(rows: list[dict[str, Any]], honours_n: bool) -> dict[str, Any]:
         "ratio": _spread([r["ratio"] for r in rows]),
         "orchestration_ms_per_generation": _spread([r["orchestration_ms_per_generation"] for r in rows]),
         "orchestration_ms_per_request": _spread([r["orchestration_ms_per_request"] for r in rows]),
+        "orchestration_cpu_ms_per_request": _spread([r["orchestration_cpu_ms_per_request"] for r in rows]),
         "apportion_cpu_over_bare_cpu": _spread([r["apportion_cpu_s"] / r["bare_cpu_s"] for r in rows]),
+        "by_budget": _by_budget(rows),
     }
+
+
+def _by_budget(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per budget, over its concurrencies: orchestration per request (wall and CPU, apportion
+    minus bare) as median and worst cell, and the wall-time ratio."""
+    out: dict[str, dict[str, Any]] = {}
+    for budget in sorted({r["budget"] for r in rows}):
+        cells = [r for r in rows if r["budget"] == budget]
+        out[str(budget)] = {
+            "orchestration_ms_per_request": _spread([r["orchestration_ms_per_request"] for r in cells]),
+            "orchestration_cpu_ms_per_request": _spread([r["orchestration_cpu_ms_per_request"] for r in cells]),
+            "ratio": _spread([r["ratio"] for r in cells]),
+        }
+    return out
 
 
 def _config_dict(config: OverheadConfig) -> dict[str, Any]:
@@ -290,7 +322,8 @@ def _config_dict(config: OverheadConfig) -> dict[str, Any]:
     return {
         **asdict(config),
         "algorithm": "self-consistency",
-        "reply": REPLY,
+        "reply": "distinct per sample (mock_server.reply_text of the request's seed and the sample's index), "
+                 f"e.g. {reply_text(1, 0)!r}",
         "reply_tokens": REPLY_TOKENS,
         "server": "openai_app(InstantBackend) under uvicorn in a separate process (subprocess), "
                   "loop=auto http=auto, access log off",
@@ -310,7 +343,7 @@ def write(report: dict[str, Any], path: str | Path) -> None:
 def table(report: dict[str, Any]) -> str:
     """The cells as a Markdown table, for a terminal or a results file."""
     head = ("| budget | conc | gens | reqs (ours/bare) | apportion s | bare s | ratio | ms/gen | ms/req "
-            "| cpu s (ours/bare) | checks |")
+            "| cpu ms/req | cpu s (ours/bare) | checks |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in report["cells"]:
         ok = "ok" if all(r["checks"].values()) else ",".join(k for k, v in r["checks"].items() if not v)
@@ -318,5 +351,5 @@ def table(report: dict[str, Any]) -> str:
             f"| {r['budget']} | {r['concurrency']} | {r['generations']} | {r['apportion_requests']}/"
             f"{r['bare_requests']} | {r['apportion_s']:.3f} | {r['bare_s']:.3f} | {r['ratio']:.2f} | "
             f"{r['orchestration_ms_per_generation']:.3f} | {r['orchestration_ms_per_request']:.2f} | "
-            f"{r['apportion_cpu_s']:.3f}/{r['bare_cpu_s']:.3f} | {ok} |")
+            f"{r['orchestration_cpu_ms_per_request']:.2f} | {r['apportion_cpu_s']:.3f}/{r['bare_cpu_s']:.3f} | {ok} |")
     return "\n".join(lines)

@@ -156,7 +156,8 @@ class _Tally:
         self.input_tokens += sign * usage.input_tokens
         self.cached_input_tokens += sign * usage.cached_input_tokens
         self.output_tokens += sign * usage.output_tokens
-        self.usd += sign * usd
+        if usd:  # free models cost nothing: no Fraction arithmetic for them
+            self.usd += sign * usd
 
     def add_spend(self, spend: Spend) -> None:
         """What calls made elsewhere spent, kinds kept apart as they were there."""

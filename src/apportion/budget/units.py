@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
+from functools import lru_cache
 from typing import Any
 
 from apportion.errors import BudgetError
@@ -139,6 +140,16 @@ def _number(text: str, unit: str) -> float | int:
     return int(value) if unit in _WHOLE_UNITS and value.is_integer() else value
 
 
+_FREE = Fraction(0)
+
+
+@lru_cache(maxsize=256)
+def _per_token(per_mtok: float) -> Fraction:
+    """Exact dollars per token of a price per million tokens, worked out once per price (every call
+    is charged at its model's)."""
+    return to_fraction(per_mtok) / 1_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class Price:
     """Dollars per million input and output tokens, and per million cached input tokens: the part
@@ -170,15 +181,15 @@ class Price:
 
     def per_input_token(self) -> Fraction:
         """The most one input token can cost (what reservations charge it)."""
-        return to_fraction(self.input_per_mtok) / 1_000_000
+        return _per_token(self.input_per_mtok)
 
     def per_cached_input_token(self) -> Fraction:
         """What an input token served from the server's prefix cache costs."""
         cached = self.cached_input_per_mtok
-        return self.per_input_token() if cached is None else to_fraction(cached) / 1_000_000
+        return self.per_input_token() if cached is None else _per_token(cached)
 
     def per_output_token(self) -> Fraction:
-        return to_fraction(self.output_per_mtok) / 1_000_000
+        return _per_token(self.output_per_mtok)
 
     def cost(self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> Fraction:
         """Exact dollars; ``cached_input_tokens`` are the part of ``input_tokens`` charged the
@@ -186,6 +197,8 @@ class Price:
         if not 0 <= cached_input_tokens <= max(input_tokens, 0):
             raise BudgetError(f"cached input tokens ({cached_input_tokens}) must be between 0 and the "
                               f"input tokens ({input_tokens})")
+        if self.free:  # every call is charged at least twice (reserved, settled): skip the arithmetic
+            return _FREE
         out = input_tokens * self.per_input_token() + output_tokens * self.per_output_token()
         if cached_input_tokens:
             out -= cached_input_tokens * (self.per_input_token() - self.per_cached_input_token())

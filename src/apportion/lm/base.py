@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Protocol, runtime_checkable
 
 from apportion.budget.units import Price, Usage
@@ -68,10 +69,7 @@ class Prompt:
 
     def key(self) -> str:
         """Stable identity, for caches keyed by prompt."""
-        payload = json.dumps(
-            [[(m.role, m.content) for m in self.messages], self.text, self.assistant_prefix]
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+        return _prompt_key(self)
 
     def to_dict(self) -> dict[str, object]:
         if self.is_chat:
@@ -81,6 +79,16 @@ class Prompt:
         if self.assistant_prefix:
             out["assistant_prefix"] = self.assistant_prefix
         return out
+
+
+@lru_cache(maxsize=1024)
+def _prompt_key(prompt: Prompt) -> str:
+    """``Prompt.key``, worked out once per prompt while it is in use (a request asks for it
+    several times: its token bound, what the server reported for it)."""
+    payload = json.dumps(
+        [[(m.role, m.content) for m in prompt.messages], prompt.text, prompt.assistant_prefix]
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,9 +14,12 @@ the server says it served from its prefix cache are read into ``Usage.cached_inp
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import repeat
 from typing import Any
 
+from apportion._slots import slot_builder
 from apportion.budget.units import Usage
 from apportion.lm.base import Sample, SamplingParams
 
@@ -40,7 +43,9 @@ def read_reply(data: dict[str, Any], params: SamplingParams, prompt_bound: int) 
     choices = [c for c in data["choices"] if isinstance(c, dict)]
     if len(choices) < len(data["choices"]):
         notes.append(f"{len(data['choices']) - len(choices)} choice(s) were not JSON objects: ignored")
-    choices.sort(key=_index)
+    indices = [c.get("index") for c in choices]
+    if indices != list(range(len(choices))) or set(map(type, indices)) != _INTS:  # most servers send them in order
+        choices.sort(key=_index)
     samples = [_sample(c, params.top_logprobs) for c in choices]
     usage_raw = data.get("usage") if isinstance(data.get("usage"), dict) else None
     prompt_tokens = _int(usage_raw, "prompt_tokens")
@@ -90,8 +95,11 @@ def _sample(choice: dict[str, Any], top_k: int) -> Sample:
     logprobs = _choice_logprobs(choice)
     finish = "length" if choice.get("finish_reason") == "length" else "stop"
     confidences = _choice_confidences(choice, top_k) if top_k else None
-    return Sample(_choice_text(choice), finish, len(logprobs) if logprobs else 0, logprobs, confidences,
-                  _hidden_text(choice) or None)
+    return _build_sample(_choice_text(choice), finish, len(logprobs) if logprobs else 0, logprobs,  # type: ignore[no-any-return]
+                         confidences, _hidden_text(choice) or None)
+
+
+_build_sample = slot_builder(Sample)  # one per choice (``apportion._slots``)
 
 
 def _choice_confidences(choice: dict[str, Any], top_k: int) -> tuple[float, ...] | None:
@@ -129,7 +137,7 @@ def _hidden_text(choice: dict[str, Any]) -> str:
     """Reasoning a server returns beside the answer (vLLM's ``reasoning_content``): generated,
     billed, not part of the sample's text."""
     message = choice.get("message")
-    if not isinstance(message, dict):
+    if not isinstance(message, dict) or ("reasoning_content" not in message and "reasoning" not in message):
         return ""
     parts = [message.get(k) for k in ("reasoning_content", "reasoning")]
     return "".join(p for p in parts if isinstance(p, str))
@@ -140,13 +148,26 @@ def _choice_logprobs(choice: dict[str, Any]) -> tuple[float, ...] | None:
     if not isinstance(lp, dict):
         return None
     content = lp.get("content")
+    # Fast paths where every entry is a plain dict and every value a float (what servers send): the
+    # same values as the general expressions, without a Python-level step per token.
+    values: Sequence[Any]
     if isinstance(content, list):  # chat format
-        values = [t.get("logprob") for t in content if isinstance(t, dict)]
+        if set(map(type, content)) == _DICTS:
+            values = tuple(map(dict.get, content, repeat("logprob")))
+        else:
+            values = [t.get("logprob") for t in content if isinstance(t, dict)]
     else:  # legacy completions format
         raw = lp.get("token_logprobs")
         values = raw if isinstance(raw, list) else []
+    if set(map(type, values)) == _FLOATS:
+        return tuple(values)
     clean = tuple(float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
     return clean or None
+
+
+_INTS = {int}
+_DICTS = {dict}
+_FLOATS = {float}
 
 
 def _upper_bound(choice: dict[str, Any], sample: Sample, params: SamplingParams) -> int:

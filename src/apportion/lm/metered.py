@@ -140,6 +140,11 @@ class MeteredLM:
         never started (the caller was cancelled first) is given back here: nothing was sent."""
         started: set[int] = set()
         try:
+            if len(grants) == 1:  # the usual round, one request: awaited here, without a task of its own
+                try:
+                    return [await self._request(prompt, params, grants[0], first_indices[0], started)]
+                except Exception as exc:  # handed back, as gather(return_exceptions=True) does
+                    return [exc]
             return await asyncio.gather(
                 *(self._request(prompt, params, g, i, started) for g, i in zip(grants, first_indices)),
                 return_exceptions=True)
@@ -168,7 +173,9 @@ class MeteredLM:
         for); settled whatever happens."""
         started_grants.add(grant.id)  # before any await: from here on, this request settles its grant
         seed = None if params.seed is None else params.seed + index
-        granted = replace(params, n=grant.n, max_tokens=grant.max_tokens, seed=seed)
+        granted = params  # as asked (the usual call), or within the grant:
+        if (grant.n, grant.max_tokens, seed) != (params.n, params.max_tokens, params.seed):
+            granted = replace(params, n=grant.n, max_tokens=grant.max_tokens, seed=seed)
         deadline = self.ledger.deadline()
         started = time.monotonic()
         try:
@@ -199,10 +206,14 @@ class MeteredLM:
         if grant.clamped:
             notes.insert(0, f"budget clamped n {params.n}->{grant.n}, max_tokens "
                             f"{params.max_tokens}->{grant.max_tokens}")
-        usage = replace(completion.usage, generations=len(samples))
+        usage = completion.usage
+        if usage.generations != len(samples):
+            usage = replace(usage, generations=len(samples))
         self._settle(grant, params, usage, started, tuple(notes))
         if any(s.finish_reason == "deadline" for s in samples):
             self.ledger.exhausted_reason = self.ledger.exhausted_reason or "seconds: deadline reached"
+        if samples is completion.samples and usage is completion.usage and tuple(notes) == completion.notes:
+            return completion  # nothing to change (the usual call): no copy
         return replace(completion, samples=samples, usage=usage, notes=tuple(notes))
 
     def _deadline(self) -> BudgetExhausted:
