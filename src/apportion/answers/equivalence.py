@@ -84,6 +84,7 @@ class Equivalence:
     def cluster(self, answers: Sequence[str | None]) -> list[int | None]:
         """Class index per answer, numbered in order of first appearance; None stays None."""
         reps: list[str] = []
+        floats: list[float | None] = []  # each rep's numeric value, converted once
         by_key: dict[str, int] = {}
         out: list[int | None] = []
         for answer in answers:
@@ -93,13 +94,24 @@ class Equivalence:
             k = self.key(answer)
             idx = by_key.get(k)
             if idx is None:
-                idx = next((i for i, rep in enumerate(reps) if self.same(rep, k)), None)
+                value = numeric_value(k)
+                f = float(value) if value is not None else None
+                idx = next((i for i, rep in enumerate(reps) if self._same_as_rep(rep, floats[i], k, f)), None)
                 if idx is None:
                     idx = len(reps)
                     reps.append(k)
+                    floats.append(f)
                 by_key[k] = idx
             out.append(idx)
         return out
+
+    def _same_as_rep(self, rep: str, rep_value: float | None, key: str, value: float | None) -> bool:
+        """``same`` for two distinct keys whose numeric values (if any) are known: two numbers
+        compare as floats here, as ``_close`` does for unequal Fractions (equal Fractions have
+        equal keys), instead of building Fractions again for every pair of a vote."""
+        if rep_value is not None and value is not None:
+            return math.isclose(rep_value, value, rel_tol=self.rel_tol, abs_tol=0.0)
+        return self.same(rep, key)
 
     def _math_verify(self, a: str, b: str) -> bool:
         if not (_safe(a) and _safe(b)):
