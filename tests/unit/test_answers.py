@@ -3,6 +3,7 @@ import threading
 import pytest
 
 from apportion.answers import Equivalence, extract_answer, last_boxed, normalize_answer
+from apportion.answers.extract import read_answer
 
 
 @pytest.mark.parametrize("text, answer, method", [
@@ -102,3 +103,11 @@ def test_symbolic_equivalence_works_off_the_main_thread():
     t.start()
     t.join()
     assert out["same"] is True
+
+
+def test_a_number_with_a_huge_exponent_is_kept_as_text_not_computed():
+    # 10**5000 has more digits than Python converts to text: it once crashed the run
+    assert read_answer("So the answer is 1e5000.")[0] == "1e5000"
+    assert read_answer("So the answer is 1e3.")[0] == "1000"
+    assert Equivalence(use_math_verify=False).same("1e5000", "1e5000")
+    assert not Equivalence(use_math_verify=False).same("1e5000", "1e5001")

@@ -79,6 +79,10 @@ def normalize_answer(raw: str) -> str:
 
 
 _MAX_NUMBER_CHARS = 40
+# "1e5000" is six characters but a 5001-digit number (past Python's int-to-text limit, and
+# 10**N costs time and memory as N grows): such a reply is kept as text, not as a number.
+_MAX_EXPONENT = 100
+_EXPONENT = re.compile(r"[eE]([+-]?\d+)")
 
 
 def numeric_value(text: str) -> Fraction | None:
@@ -88,6 +92,10 @@ def numeric_value(text: str) -> Fraction | None:
         return None
     if t.isascii() and t.isdigit():  # a plain integer: what Fraction(t) would give, without its parser
         return Fraction(int(t))
+    if "e" in t or "E" in t:
+        exponent = _EXPONENT.search(t)
+        if exponent and abs(int(exponent.group(1))) > _MAX_EXPONENT:
+            return None
     try:
         if "/" in t:
             num, _, den = t.partition("/")
