@@ -205,13 +205,20 @@ async def _watch(proc: asyncio.subprocess.Process, limits: SandboxLimits, starte
         readers.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await readers
-        await asyncio.shield(proc.wait())
-    code = proc.returncode
+        # Killed, so it ends at once; but if something else in this process reaped it (a
+        # waitpid(-1)), asyncio never hears of it: wait a bounded time, never forever.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_REAP_S):
+                await asyncio.shield(proc.wait())
+    code = proc.returncode if proc.returncode is not None else -signal.SIGKILL
     timed_out = timed_out or code == -signal.SIGXCPU
     return ProgramRun(
         stdout=out.text(), stderr=err.text(), exit_code=code, timed_out=timed_out,
         memory_exceeded=code == MEMORY_EXIT, output_capped=(out.capped or err.capped) and not timed_out,
         wall_s=time.monotonic() - started)
+
+
+_REAP_S = 5.0
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
