@@ -23,59 +23,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 
-from apportion.algorithms.base import Algorithm, SamplingOptions
 from apportion.algorithms.steps import (
     ROOT,
     Path,
-    StepOptions,
+    SearchAlgorithm,
+    SearchOptions,
     best_first,
-    check_search,
     search_result,
     split,
     start_search,
-    step_sampling,
 )
-from apportion.answers.equivalence import Equivalence
 from apportion.budget.ledger import Ledger
 from apportion.budget.units import Budget
 from apportion.lm.base import Backend, Prompt
 from apportion.result import Candidate, Result
-from apportion.reward.process import ProcessScorer
+
+BeamSearchOptions = SearchOptions
+"""The search's options (``steps.SearchOptions``: the same for beam search and DVTS)."""
 
 
-@dataclass(frozen=True, slots=True)
-class BeamSearchOptions:
-    sampling: SamplingOptions = field(default_factory=step_sampling)
-    """``max_tokens`` bounds a whole path's output tokens; temperature, top_p and stop as for a sample;
-    the system prompt asks for steps separated by blank lines (``steps.STEP_SYSTEM_PROMPT``)."""
-    steps: StepOptions = field(default_factory=StepOptions)
-    beam_width: int = 4
-    """M: the next steps asked of each kept path."""
-    width: int | None = None
-    """N where the budget sets no generation limit (default 8); under one, at most N of it."""
-    aggregation: str = "last"
-    """How a path's step scores make its score (``reward.process.AGGREGATIONS``)."""
-    vote: bool = False
-    """Answer with the highest summed score over paths instead of the best path's."""
-
-    def __post_init__(self) -> None:
-        check_search(self.beam_width, self.width, self.aggregation)
-
-
-class BeamSearch(Algorithm):
+class BeamSearch(SearchAlgorithm):
     name = "beam-search"
-
-    def __init__(self, options: BeamSearchOptions | None = None, *, process_scorer: ProcessScorer | None = None,
-                 equivalence: Equivalence | None = None) -> None:
-        super().__init__(equivalence=equivalence)
-        self.options = options or BeamSearchOptions()
-        self.process_scorer = process_scorer
-
-    def options_dict(self) -> dict[str, object]:
-        scorer = self.process_scorer.name if self.process_scorer is not None else None
-        return {**super().options_dict(), "process_scorer": scorer}
 
     async def stream(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, *,
                      seed: int | None = None, prior: Sequence[Candidate] = ()) -> AsyncIterator[Result]:

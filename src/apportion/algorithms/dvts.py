@@ -23,59 +23,28 @@ whose requests the budget refuses ends the search; subtrees still live end as "b
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 
-from apportion.algorithms.base import Algorithm, SamplingOptions
 from apportion.algorithms.steps import (
     ROOT,
     Path,
-    StepOptions,
+    SearchAlgorithm,
+    SearchOptions,
     best_first,
-    check_search,
     search_result,
     split,
     start_search,
-    step_sampling,
 )
-from apportion.answers.equivalence import Equivalence
 from apportion.budget.ledger import Ledger
 from apportion.budget.units import Budget
 from apportion.lm.base import Backend, Prompt
 from apportion.result import Candidate, Result
-from apportion.reward.process import ProcessScorer
+
+DVTSOptions = SearchOptions
+"""The search's options (``steps.SearchOptions``: the same for beam search and DVTS)."""
 
 
-@dataclass(frozen=True, slots=True)
-class DVTSOptions:
-    sampling: SamplingOptions = field(default_factory=step_sampling)
-    """``max_tokens`` bounds a whole path's output tokens; temperature, top_p and stop as for a sample;
-    the system prompt asks for steps separated by blank lines (``steps.STEP_SYSTEM_PROMPT``)."""
-    steps: StepOptions = field(default_factory=StepOptions)
-    beam_width: int = 4
-    """M: the candidate next steps each subtree gets per search step (N // M subtrees)."""
-    width: int | None = None
-    """N where the budget sets no generation limit (default 8); under one, at most N of it."""
-    aggregation: str = "last"
-    """How a path's step scores make its score (``reward.process.AGGREGATIONS``)."""
-    vote: bool = False
-    """Answer with the highest summed score over paths instead of the best path's."""
-
-    def __post_init__(self) -> None:
-        check_search(self.beam_width, self.width, self.aggregation)
-
-
-class DVTS(Algorithm):
+class DVTS(SearchAlgorithm):
     name = "dvts"
-
-    def __init__(self, options: DVTSOptions | None = None, *, process_scorer: ProcessScorer | None = None,
-                 equivalence: Equivalence | None = None) -> None:
-        super().__init__(equivalence=equivalence)
-        self.options = options or DVTSOptions()
-        self.process_scorer = process_scorer
-
-    def options_dict(self) -> dict[str, object]:
-        scorer = self.process_scorer.name if self.process_scorer is not None else None
-        return {**super().options_dict(), "process_scorer": scorer}
 
     async def stream(self, lm: Backend, prompt: str | Prompt, budget: Budget | Ledger, *,
                      seed: int | None = None, prior: Sequence[Candidate] = ()) -> AsyncIterator[Result]:

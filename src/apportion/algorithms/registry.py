@@ -8,24 +8,20 @@ needs and refuses what it cannot use.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
-from typing import TypeVar
+from dataclasses import dataclass, replace
 
 from apportion.algorithms.base import DEFAULT_SYSTEM_PROMPT, Algorithm, SamplingOptions
-from apportion.algorithms.beam_search import BeamSearch, BeamSearchOptions
+from apportion.algorithms.beam_search import BeamSearch
 from apportion.algorithms.best_of_n import BestOfN, BestOfNOptions
 from apportion.algorithms.budget_forcing import BudgetForcing, BudgetForcingOptions
-from apportion.algorithms.dvts import DVTS, DVTSOptions
+from apportion.algorithms.dvts import DVTS
 from apportion.algorithms.program_aided import PROGRAM_SYSTEM_PROMPT, ProgramAided, ProgramAidedOptions
 from apportion.algorithms.self_consistency import SelfConsistency, SelfConsistencyOptions
-from apportion.algorithms.steps import STEP_SYSTEM_PROMPT
+from apportion.algorithms.steps import STEP_SYSTEM_PROMPT, SearchOptions
 from apportion.algorithms.stopping import StopRule
 from apportion.errors import ConfigError
 from apportion.reward.base import OutcomeScorer
 from apportion.reward.process import ProcessScorer
-
-SearchOptions = BeamSearchOptions | DVTSOptions
-"""A step-wise search's settings; either class sets either search (the fields are the same)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +38,6 @@ class Components:
 
 
 Factory = Callable[[SamplingOptions, Components], Algorithm]
-_O = TypeVar("_O", BeamSearchOptions, DVTSOptions)
-
-
 def _self_consistency(sampling: SamplingOptions, parts: Components) -> Algorithm:
     return SelfConsistency(SelfConsistencyOptions(sampling, parts.stopping))
 
@@ -92,24 +85,21 @@ def _programs(options: ProgramAidedOptions, sampling: SamplingOptions, stopping:
 
 
 def _beam_search(sampling: SamplingOptions, parts: Components) -> Algorithm:
-    options = _search_options(BeamSearchOptions, sampling, parts)
-    return BeamSearch(options, process_scorer=parts.process_scorer)
+    return BeamSearch(_search_options(sampling, parts), process_scorer=parts.process_scorer)
 
 
 def _dvts(sampling: SamplingOptions, parts: Components) -> Algorithm:
-    return DVTS(_search_options(DVTSOptions, sampling, parts), process_scorer=parts.process_scorer)
+    return DVTS(_search_options(sampling, parts), process_scorer=parts.process_scorer)
 
 
-def _search_options(cls: type[_O], sampling: SamplingOptions, parts: Components) -> _O:
-    """``cls`` from ``parts.search`` (either class: their fields are the same), with ``sampling``.
+def _search_options(sampling: SamplingOptions, parts: Components) -> SearchOptions:
+    """``parts.search`` (or the defaults) with ``sampling``.
     The process scorer is checked when the search runs, so that a name can be validated without one."""
     if parts.stopping is not None:
         raise ConfigError("a step-wise search takes no stopping rule: its width and the budget end it")
     if sampling.system_prompt == DEFAULT_SYSTEM_PROMPT:  # as for programs: steps need asking for
         sampling = replace(sampling, system_prompt=STEP_SYSTEM_PROMPT)
-    given = parts.search
-    settings = {f.name: getattr(given, f.name) for f in fields(given)} if given is not None else {}
-    return cls(**{**settings, "sampling": sampling})
+    return replace(parts.search or SearchOptions(), sampling=sampling)
 
 
 ALGORITHMS: dict[str, Factory] = {

@@ -177,14 +177,45 @@ def best_first(score: float | None, index: int) -> tuple[bool, float, int]:
     return score is None, -(score or 0.0), index
 
 
-def check_search(beam_width: int, width: int | None, aggregation: str) -> None:
-    """The checks beam search and DVTS options share."""
-    if beam_width < 1:
-        raise ConfigError(f"beam_width must be >= 1, got {beam_width}")
-    if width is not None and width < 1:
-        raise ConfigError(f"width must be >= 1, got {width}")
-    if aggregation not in AGGREGATIONS:
-        raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+@dataclass(frozen=True, slots=True)
+class SearchOptions:
+    """A step-wise search's settings (beam search and DVTS read the same ones)."""
+
+    sampling: SamplingOptions = field(default_factory=step_sampling)
+    """``max_tokens`` bounds a whole path's output tokens; temperature, top_p and stop as for a sample;
+    the system prompt asks for steps separated by blank lines (``STEP_SYSTEM_PROMPT``)."""
+    steps: StepOptions = field(default_factory=StepOptions)
+    beam_width: int = 4
+    """M: the next steps asked of each kept path (beam search), or the candidate next steps each
+    subtree gets per search step (DVTS, with N // M subtrees)."""
+    width: int | None = None
+    """N where the budget sets no generation limit (default 8); under one, at most N of it."""
+    aggregation: str = "last"
+    """How a path's step scores make its score (``reward.process.AGGREGATIONS``)."""
+    vote: bool = False
+    """Answer with the highest summed score over paths instead of the best path's."""
+
+    def __post_init__(self) -> None:
+        if self.beam_width < 1:
+            raise ConfigError(f"beam_width must be >= 1, got {self.beam_width}")
+        if self.width is not None and self.width < 1:
+            raise ConfigError(f"width must be >= 1, got {self.width}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+
+
+class SearchAlgorithm(Algorithm):
+    """What beam search and DVTS share: their options and the process scorer they are built with."""
+
+    def __init__(self, options: SearchOptions | None = None, *, process_scorer: ProcessScorer | None = None,
+                 equivalence: Equivalence | None = None) -> None:
+        super().__init__(equivalence=equivalence)
+        self.options = options or SearchOptions()
+        self.process_scorer = process_scorer
+
+    def options_dict(self) -> dict[str, object]:
+        scorer = self.process_scorer.name if self.process_scorer is not None else None
+        return {**super().options_dict(), "process_scorer": scorer}
 
 
 def search_width(ctx: RunContext, width: int | None) -> int:
