@@ -15,8 +15,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.support.loopback import JsonHandler, LoopbackServer, start, stop
 
 ReplyFn = Callable[[dict[str, Any], int], str]
 
@@ -35,10 +36,6 @@ class Billing:
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 128  # a burst of concurrent connections is not refused by the listen backlog
-
-
 class FakeOpenAI:
     def __init__(self, reply: ReplyFn | None = None, *, honor_n: bool = True, usage: bool = True,
                  logprobs: bool = True, model: str = "fake-model", faults: list[str] | None = None,
@@ -53,8 +50,7 @@ class FakeOpenAI:
         self.delay_s = delay_s
         self.billing = Billing()
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: LoopbackServer | None = None
         self._counter = 0
         self.arrivals: list[float] = []
         """time.monotonic() at which each request's body was read, in the order of billing.bodies."""
@@ -69,12 +65,7 @@ class FakeOpenAI:
     def __enter__(self) -> FakeOpenAI:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 if self.path.rstrip("/").endswith("/models"):
                     self._send(200, {"object": "list", "data": [{"id": fake.model, "object": "model"}]})
@@ -121,34 +112,11 @@ class FakeOpenAI:
                     return self._send(404, {"error": {"message": f"model {body.get('model')} not found"}})
                 return self._send(200, fake._response(body, bill=True))
 
-            def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None,
-                      ignore_errors: bool = False) -> None:
-                self._raw(status, json.dumps(payload).encode(), headers, ignore_errors)
-
-            def _raw(self, status: int, data: bytes, headers: dict[str, str] | None = None,
-                     ignore_errors: bool = False) -> None:
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    if not ignore_errors:
-                        raise
-
-        self._server = _Server(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._server = start(Handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
+        stop(self._server)
 
     def _response(self, body: dict[str, Any], bill: bool) -> dict[str, Any]:
         n = int(body.get("n", 1)) if self.honor_n else 1

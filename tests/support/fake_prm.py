@@ -18,8 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.support.loopback import JsonHandler, LoopbackServer, start, stop
 
 SEP = "<extra_0>"
 ScoreFn = Callable[[str, str], float]
@@ -46,9 +47,6 @@ class PRMBilling:
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 128
-
 
 class FakePRM:
     def __init__(self, score: ScoreFn | None = None, *, model: str = "fake-prm", faults: list[str] | None = None,
@@ -59,7 +57,7 @@ class FakePRM:
         self.timeout_sleep_s = timeout_sleep_s
         self.billing = PRMBilling()
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: LoopbackServer | None = None
 
     @property
     def base_url(self) -> str:
@@ -69,12 +67,7 @@ class FakePRM:
     def __enter__(self) -> FakePRM:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
+        class Handler(JsonHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
@@ -99,29 +92,11 @@ class FakePRM:
                 reply = fake._reply(body, fault)
                 return self._send(200, reply)
 
-            def _send(self, status: int, payload: dict[str, Any], ignore_errors: bool = False) -> None:
-                self._raw(status, json.dumps(payload).encode(), ignore_errors)
-
-            def _raw(self, status: int, data: bytes, ignore_errors: bool = False) -> None:
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    if not ignore_errors:
-                        raise
-
-        self._server = _Server(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        self._server = start(Handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
+        stop(self._server)
 
     def _reply(self, body: dict[str, Any], fault: str) -> dict[str, Any]:
         if "messages" in body:
