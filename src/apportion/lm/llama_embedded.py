@@ -24,6 +24,7 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from apportion.lm.scheduler import EngineStats, Outcome, Row, Scheduler, Schedul
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_TOKEN_CACHE_PROMPTS = 1024
 
 
 def default_model_path() -> Path:
@@ -100,7 +102,9 @@ class LlamaEmbeddedBackend:
         self._path = Path(self.options.model_path) if self.options.model_path else None
         self._engine: _Engine | None = None
         self._load_lock = threading.Lock()
-        self._token_cache: dict[str, int] = {}
+        # The tokens of recent prompts: the metered layer counts a prompt's tokens, then asks for
+        # it, and rendering the chat template and tokenizing once serves both.
+        self._token_cache: OrderedDict[str, list[int]] = OrderedDict()
 
     @property
     def model(self) -> str:
@@ -137,17 +141,25 @@ class LlamaEmbeddedBackend:
             return self._engine
 
     async def prompt_tokens(self, prompt: Prompt) -> int:
+        engine = self._engine if self._engine is not None else await asyncio.to_thread(self.load)
+        return len(self._tokens(engine, prompt))
+
+    def _tokens(self, engine: _Engine, prompt: Prompt) -> list[int]:
         key = prompt.key()
-        if key not in self._token_cache:
-            engine = await asyncio.to_thread(self.load)
-            self._token_cache[key] = len(engine.prompt_tokens(prompt))
-        return self._token_cache[key]
+        tokens = self._token_cache.get(key)
+        if tokens is None:
+            tokens = self._token_cache[key] = engine.prompt_tokens(prompt)
+            if len(self._token_cache) > _TOKEN_CACHE_PROMPTS:
+                self._token_cache.popitem(last=False)
+        else:
+            self._token_cache.move_to_end(key)
+        return tokens
 
     async def generate(self, prompt: Prompt, params: SamplingParams, *,
                        deadline: float | None = None) -> Completion:
         engine = self._engine if self._engine is not None else await asyncio.to_thread(self.load)
         started = time.monotonic()
-        tokens = engine.prompt_tokens(prompt)
+        tokens = self._tokens(engine, prompt)
         base_seed = params.seed if params.seed is not None else secrets.randbits(31)
         seeds = [(base_seed + i) & 0x7FFFFFFF for i in range(params.n)]
         future = engine.scheduler.submit(tokens, params, seeds, deadline)
