@@ -145,13 +145,18 @@ class _Capture:
     capped: bool = False
 
     async def drain(self, stream: asyncio.StreamReader, overflow: asyncio.Event) -> None:
+        """Reads to the end, dropping what passes the cap: a stream left unread pauses its pipe,
+        which then never sees the end of a killed program, and asyncio's wait() for the program
+        waits for its pipes to close."""
         while chunk := await stream.read(_READ_CHUNK):
+            if self.capped:
+                continue
             room = self.cap - len(self.data)
             if len(chunk) > room:
                 self.data += chunk[:room]
                 self.capped = True
                 overflow.set()
-                return
+                continue
             self.data += chunk
 
     def text(self) -> str:
@@ -202,11 +207,15 @@ async def _watch(proc: asyncio.subprocess.Process, limits: SandboxLimits, starte
     finally:
         _kill_group(proc)
         capped.cancel()
+        # Killed, its pipes end at once: the readers drain them to the end, so they close and
+        # wait() returns. Both are bounded all the same (a grandchild that escaped the group
+        # could hold a pipe open).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_REAP_S):
+                await asyncio.shield(readers)
         readers.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await readers
-        # Killed, so it ends at once; but if something else in this process reaped it (a
-        # waitpid(-1)), asyncio never hears of it: wait a bounded time, never forever.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_REAP_S):
                 await asyncio.shield(proc.wait())
