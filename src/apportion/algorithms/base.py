@@ -106,10 +106,14 @@ class RunContext:
         self.error = self.error or str(exc)
 
     def candidate(self, sample: Sample) -> Candidate:
-        model = self.lm.backend.model
-        if sample.finish_reason == "cut":  # abandoned mid-thought: whatever it said so far is no answer
-            return Candidate.from_sample(sample, None, None, None, model)
-        return Candidate.from_sample(sample, *read_answer_for(sample.text, self.placeholder), model)
+        return self.candidates((sample,))[0]
+
+    def candidates(self, samples: Sequence[Sample]) -> list[Candidate]:
+        """A candidate per sample, its answer read (a sample cut mid-thought has none: whatever it
+        said so far is no answer)."""
+        model, placeholder, make = self.lm.backend.model, self.placeholder, Candidate.from_sample
+        return [make(s, None, None, None, model) if s.finish_reason == "cut"
+                else make(s, *read_answer_for(s.text, placeholder), model) for s in samples]
 
     def result(self, *, answer: str | None, response: str | None, candidates: Sequence[Candidate],
                distribution: dict[str, float], final: bool, search: SearchStats | None = None) -> Result:
@@ -323,7 +327,7 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions, stopping: StopR
             cut_note = cut_afterwards_note(ctx.lm.backend.name)
             if cut_note in completion.notes and cut_note not in ctx.notes:
                 ctx.notes.append(cut_note)
-        yield [ctx.candidate(s) for s in completion.samples]
+        yield ctx.candidates(completion.samples)
         if completion.error is not None:
             ctx.fail(completion.error)
             return

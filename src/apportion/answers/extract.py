@@ -63,7 +63,7 @@ def _extract(text: str) -> tuple[str, str] | None:
             continue
         for end in _match_ends(pattern, text, lowered):
             value = _first_clause(text[end:].split("\n", 1)[0])
-            if value and _plausible(value):
+            if value and (len(value) <= 12 or _plausible(value)):  # 7 words take 13 characters
                 return value, method
     run = _LAST_RUN_REVERSED_RE.search(text[::-1])
     if run is None:  # every number has a digit
@@ -90,14 +90,16 @@ def _match_ends(pattern: re.Pattern[str], text: str, lowered: str) -> list[int]:
     return ends
 
 
+_NONE = (None, None, None)
+
+
 def read_answer(text: str) -> tuple[str | None, str | None, str | None]:
     """(normalised answer, answer as written, extraction method), all None when there is none:
     what every candidate, live or from a bank, records about its answer."""
     found = _extract(text)
     if found is None:
-        return None, None, None
-    raw, method = found
-    return normalize_answer(raw), raw, method
+        return _NONE
+    return normalize_answer(found[0]), found[0], found[1]
 
 
 _PLACEHOLDER_RE = re.compile(r"answer is ([A-Za-z])\b")
@@ -105,10 +107,10 @@ _PLACEHOLDER_RE = re.compile(r"answer is ([A-Za-z])\b")
 
 def read_answer_for(text: str, placeholder: str | None) -> tuple[str | None, str | None, str | None]:
     """``read_answer``, except that an answer equal to the instruction's ``placeholder`` is none."""
-    answer, raw, method = read_answer(text)
-    if raw is not None and placeholder is not None and raw.strip() == placeholder:
-        return None, None, None
-    return answer, raw, method
+    found = _extract(text)  # read_answer's body, inlined: this runs once per sample
+    if found is None or (placeholder is not None and found[0].strip() == placeholder):
+        return _NONE
+    return normalize_answer(found[0]), found[0], found[1]
 
 
 def placeholder_in(instruction: str | None) -> str | None:
@@ -145,9 +147,10 @@ def _first_clause(value: str) -> str:
     value = value.strip().strip("*").strip()
     if not value:
         return ""
-    boxed = last_boxed(value)
-    if boxed is not None:
-        return boxed.strip()
+    if "\\" in value:  # every \boxed opening has one (last_boxed's own test, without the call)
+        boxed = last_boxed(value)
+        if boxed is not None:
+            return boxed.strip()
     if value.startswith("$") and value.count("$") >= 2:
         return value[1 : value.index("$", 1)].strip()
     end = _SENTENCE_END_RE.search(value)

@@ -152,9 +152,9 @@ def _choice_logprobs(choice: dict[str, Any]) -> tuple[float, ...] | None:
     # same values as the general expressions, without a Python-level step per token.
     values: Sequence[Any]
     if isinstance(content, list):  # chat format
-        if set(map(type, content)) == _DICTS:
+        try:  # dict.get refuses anything but a dict: no separate pass to check the entries' types
             values = tuple(map(dict.get, content, repeat("logprob")))
-        else:
+        except TypeError:
             values = [t.get("logprob") for t in content if isinstance(t, dict)]
     else:  # legacy completions format
         raw = lp.get("token_logprobs")
@@ -166,7 +166,6 @@ def _choice_logprobs(choice: dict[str, Any]) -> tuple[float, ...] | None:
 
 
 _INTS = {int}
-_DICTS = {dict}
 _FLOATS = {float}
 
 
