@@ -418,7 +418,42 @@ def test_the_command_line_refuses_a_search_without_a_process_scorer():
     assert unknown.exit_code == 2 and "unknown process scorer 'nonesuch'" in unknown.output
     prm = CliRunner().invoke(app, ["run", QUESTION, "--algorithm", "dvts", "--process-scorer", "prm",
                                    "--base-url", "http://127.0.0.1:9/v1", "--model", "m"])
-    assert prm.exit_code == 2 and "PRMClient" in prm.output
+    assert prm.exit_code == 2 and "prm needs base_url and model" in prm.output
+    typo = CliRunner().invoke(app, ["run", QUESTION, "--algorithm", "dvts", "--process-scorer",
+                                    "prm:base_url=http://127.0.0.1:9,model=m,retries=2",
+                                    "--base-url", "http://127.0.0.1:9/v1", "--model", "m"])
+    assert typo.exit_code == 2 and "'retries=2' is not KEY=VALUE" in typo.output
+
+
+def test_the_command_line_searches_with_a_process_reward_model_server():
+    """``--process-scorer prm:...`` end to end: the PRM server rates the steps (a wrong step low),
+    the search follows its scores, and its prompt tokens are charged as scoring."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from apportion.cli import app
+    from tests.support.fake_openai import FakeOpenAI
+    from tests.support.fake_prm import FakePRM
+
+    def reply(body, index):
+        messages = body.get("messages", [])
+        done = _steps_of(messages[-1]["content"]) if messages[-1]["role"] == "assistant" else []
+        if not done:
+            return ["A wrong start.", "Multiply 6 by 7."][index % 2]
+        return "The answer is 13." if "wrong" in done[0] else "The answer is 42."
+
+    with FakeOpenAI(reply) as server, FakePRM() as prm:
+        result = CliRunner().invoke(app, [
+            "run", QUESTION, "--algorithm", "beam-search", "--beam-width", "2", "--budget", "gen=2,tokens=3000",
+            "--process-scorer", f"prm:base_url={prm.base_url},model={prm.model},max_concurrency=2",
+            "--base-url", server.base_url, "--model", server.model, "--json"])
+        scored = prm.billing.ok
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["answer"] == "42" and out["options"]["process_scorer"] == "prm"
+    assert scored >= 2 and out["search"]["scoring_calls"] >= 2
+    assert out["candidates"][out["search"]["chosen"]]["step_scores"][0] == pytest.approx(0.9)
 
 
 def test_a_batch_refuses_a_search_it_cannot_give_a_process_scorer(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -27,6 +28,7 @@ from apportion.lm.openai_http import (
 )
 from apportion.reward import SCORERS
 from apportion.reward.base import OutcomeScorer
+from apportion.reward.prm_http import PRMClient, PRMOptions
 from apportion.reward.process import ProcessScorer
 from apportion.reward.process_judge import JudgeProcessScorer
 from apportion.reward.verifiers import CallableVerifier, game24_verifier
@@ -122,21 +124,54 @@ PROCESS_SCORERS: dict[str, Callable[[], ProcessScorer]] = {
     "judge": JudgeProcessScorer,  # the policy model judges each new step, through the same backend
     "game24": lambda: CallableVerifier(game24_verifier, name="game24"),
 }
-_NOT_ON_THE_COMMAND_LINE = {
-    "prm": "a process reward model needs its server: build PRMClient(PRMOptions(base_url=..., model=...)) "
-           "in Python (the command line does not take one yet)",
-}
+PRM_FIELDS = {f.name: f.type for f in fields(PRMOptions)}
 
 
-def make_process_scorer(name: str) -> ProcessScorer:
-    """The process scorer of ``--process-scorer NAME``; a clear ConfigError for any other name."""
-    factory = PROCESS_SCORERS.get(name)
+def make_process_scorer(spec: str) -> ProcessScorer:
+    """The process scorer of ``--process-scorer SPEC``: a name of ``PROCESS_SCORERS``, or
+    ``prm:base_url=URL,model=NAME[,key=value...]`` for a process reward model served by vLLM's
+    /pooling (any ``PRMOptions`` field). A clear ConfigError for anything else."""
+    name, _, rest = spec.partition(":")
+    if name == "prm":
+        return PRMClient(_prm_options(rest))
+    factory = PROCESS_SCORERS.get(spec)
     if factory is None:
-        why = _NOT_ON_THE_COMMAND_LINE.get(name)
-        if why is not None:
-            raise ConfigError(f"process scorer {name!r}: {why}")
-        raise ConfigError(f"unknown process scorer {name!r}; known: {', '.join(PROCESS_SCORERS)}")
+        raise ConfigError(f"unknown process scorer {spec!r}; known: {', '.join(PROCESS_SCORERS)}, "
+                          "prm:base_url=URL,model=NAME")
     return factory()
+
+
+def _prm_options(spec: str) -> PRMOptions:
+    values: dict[str, object] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, eq, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in PRM_FIELDS:
+            raise ConfigError(f"--process-scorer prm: {part!r} is not KEY=VALUE with KEY among {', '.join(PRM_FIELDS)}")
+        if key in values:
+            raise ConfigError(f"--process-scorer prm: {key} given twice")
+        values[key] = _prm_value(key, value.strip())
+    missing = [k for k in ("base_url", "model") if k not in values]
+    if missing:
+        raise ConfigError(f"--process-scorer prm needs {' and '.join(missing)} "
+                          "(prm:base_url=http://host:8000,model=Qwen/Qwen2.5-Math-PRM-7B)")
+    return PRMOptions(**values)  # type: ignore[arg-type]
+
+
+def _prm_value(key: str, value: str) -> object:
+    kind = str(PRM_FIELDS[key])
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"--process-scorer prm: {key} must be a number, got {value!r}") from None
+    if kind == "bool":
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"--process-scorer prm: {key} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    return value
 
 
 def checked_preflight(backend: Backend, console: Console) -> None:

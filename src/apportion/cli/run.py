@@ -117,8 +117,9 @@ def run(
         help="program-aided: memory each program's interpreter may use, in MB (default 512).")] = None,
     process_scorer: Annotated[str | None, typer.Option(
         "--process-scorer", help="beam-search, dvts: what rates each step (required): 'judge' (the model "
-                                 "judges each new step, through the same backend) or 'game24' (the Game of 24 "
-                                 "verifier).")] = None,
+                                 "judges each new step, through the same backend), 'game24' (the Game of 24 "
+                                 "verifier), or a process reward model served by vLLM: "
+                                 "'prm:base_url=URL,model=NAME[,key=value...]' (any PRMOptions field).")] = None,
     beam_width: Annotated[int | None, typer.Option(
         help="beam-search, dvts: M, the next steps asked of each kept path or subtree (default 4).")] = None,
     aggregation: Annotated[str | None, typer.Option(
