@@ -7,18 +7,27 @@ needs and refuses what it cannot use.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from apportion.algorithms.base import DEFAULT_SYSTEM_PROMPT, Algorithm, SamplingOptions
 from apportion.algorithms.beam_search import BeamSearch
 from apportion.algorithms.best_of_n import BestOfN, BestOfNOptions
 from apportion.algorithms.budget_forcing import BudgetForcing, BudgetForcingOptions
+from apportion.algorithms.debate import Debate, DebateOptions
 from apportion.algorithms.dvts import DVTS
+from apportion.algorithms.particle_filtering import (
+    ParticleFiltering,
+    ParticleFilteringOptions,
+    ParticleGibbs,
+    ParticleGibbsOptions,
+)
 from apportion.algorithms.program_aided import PROGRAM_SYSTEM_PROMPT, ProgramAided, ProgramAidedOptions
 from apportion.algorithms.self_consistency import SelfConsistency, SelfConsistencyOptions
+from apportion.algorithms.settings import configure
 from apportion.algorithms.steps import STEP_SYSTEM_PROMPT, SearchOptions
 from apportion.algorithms.stopping import StopRule
+from apportion.algorithms.tree_of_thoughts import TreeOfThoughts, TreeOfThoughtsOptions
 from apportion.errors import ConfigError
 from apportion.reward.base import OutcomeScorer
 from apportion.reward.process import ProcessScorer
@@ -92,6 +101,30 @@ def _dvts(sampling: SamplingOptions, parts: Components) -> Algorithm:
     return DVTS(_search_options(sampling, parts), process_scorer=parts.process_scorer)
 
 
+def _particle_filtering(sampling: SamplingOptions, parts: Components) -> Algorithm:
+    return ParticleFiltering(ParticleFilteringOptions.from_search(_search_options(sampling, parts)),
+                             process_scorer=parts.process_scorer)
+
+
+def _particle_gibbs(sampling: SamplingOptions, parts: Components) -> Algorithm:
+    return ParticleGibbs(ParticleGibbsOptions.from_search(_search_options(sampling, parts)),
+                         process_scorer=parts.process_scorer)
+
+
+def _tree_of_thoughts(sampling: SamplingOptions, parts: Components) -> Algorithm:
+    search = _search_options(sampling, parts)
+    # Without search settings k keeps ToT's own default rather than the searches' M.
+    options = (TreeOfThoughtsOptions.from_search(search) if parts.search is not None
+               else TreeOfThoughtsOptions(sampling=search.sampling))
+    return TreeOfThoughts(options, process_scorer=parts.process_scorer)
+
+
+def _debate(sampling: SamplingOptions, parts: Components) -> Algorithm:
+    if parts.stopping is not None:
+        raise ConfigError("debate takes no stopping rule: its rounds and the budget end it")
+    return Debate(DebateOptions(sampling=sampling))
+
+
 def _search_options(sampling: SamplingOptions, parts: Components) -> SearchOptions:
     """``parts.search`` (or the defaults) with ``sampling``.
     The process scorer is checked when the search runs, so that a name can be validated without one."""
@@ -111,13 +144,20 @@ ALGORITHMS: dict[str, Factory] = {
     "program-aided": _program_aided,
     "beam-search": _beam_search,
     "dvts": _dvts,
+    "particle-filtering": _particle_filtering,
+    "particle-gibbs": _particle_gibbs,
+    "tree-of-thoughts": _tree_of_thoughts,
+    "debate": _debate,
 }
-SEARCHES = ("beam-search", "dvts")
+SEARCHES = ("beam-search", "dvts", "particle-filtering", "particle-gibbs", "tree-of-thoughts")
 """The step-wise searches: they take a process scorer and ``search`` settings."""
+NEEDS_PROCESS_SCORER = ("beam-search", "dvts", "particle-filtering", "particle-gibbs")
+"""The searches that cannot run without a process scorer (ToT values its states itself without one)."""
 _ALIASES = {"sc": "self-consistency", "majority": "self-consistency", "bon": "best-of-n",
             "weighted-bon": "weighted-best-of-n", "wbon": "weighted-best-of-n", "s1": "budget-forcing",
             "forcing": "budget-forcing", "pal": "program-aided", "programs": "program-aided",
-            "beam": "beam-search"}
+            "beam": "beam-search", "pf": "particle-filtering", "pg": "particle-gibbs", "tot": "tree-of-thoughts",
+            "mad": "debate"}
 
 
 def make_algorithm(name: str, sampling: SamplingOptions | None = None,
@@ -125,17 +165,32 @@ def make_algorithm(name: str, sampling: SamplingOptions | None = None,
                    forcing: BudgetForcingOptions | None = None,
                    programs: ProgramAidedOptions | None = None,
                    process_scorer: ProcessScorer | None = None,
-                   search: SearchOptions | None = None) -> Algorithm:
+                   search: SearchOptions | None = None,
+                   settings: Mapping[str, str] | None = None) -> Algorithm:
     """The algorithm called ``name``; ``forcing`` sets budget forcing's thinking limits and
     markers, ``programs`` program-aided's sandbox limits, ``search`` a step-wise search's settings
     (the ``sampling`` of each is replaced by ``sampling``); ``process_scorer`` guides a step-wise
-    search (beam search and DVTS refuse to run without one)."""
+    search (those of ``NEEDS_PROCESS_SCORER`` refuse to run without one); ``settings`` set the
+    algorithm's own scalar options by name from text (``settings.configure``: ``--set KEY=VALUE``)."""
+    algorithm = _make(name, sampling, scorer, stopping, forcing, programs, process_scorer, search)
+    if settings:
+        options = getattr(algorithm, "options", None)
+        if options is None:
+            raise ConfigError(f"{algorithm.name} has no settings")
+        algorithm.options = configure(options, settings, owner=algorithm.name)  # type: ignore[attr-defined]
+    return algorithm
+
+
+def _make(name: str, sampling: SamplingOptions | None, scorer: OutcomeScorer | None, stopping: StopRule | None,
+          forcing: BudgetForcingOptions | None, programs: ProgramAidedOptions | None,
+          process_scorer: ProcessScorer | None, search: SearchOptions | None) -> Algorithm:
     key = _ALIASES.get(name.lower(), name.lower())
     factory = ALGORITHMS.get(key)
     if factory is None:
         raise ConfigError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
     if (process_scorer is not None or search is not None) and key not in SEARCHES:
-        raise ConfigError(f"a process scorer and step-search settings go with {' or '.join(SEARCHES)}, not {key}")
+        raise ConfigError(f"a process scorer and step-search settings go with the step-wise searches "
+                          f"({', '.join(SEARCHES)}), not {key}")
     if forcing is not None:
         if key != "budget-forcing":
             raise ConfigError(f"thinking-token limits and markers are budget forcing's settings, not {key}'s")

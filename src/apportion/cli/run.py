@@ -20,7 +20,8 @@ from apportion.algorithms.beam_search import BeamSearchOptions
 from apportion.algorithms.budget_forcing import BudgetForcingOptions
 from apportion.algorithms.program_aided import ProgramAidedOptions
 from apportion.algorithms.prompting import PROMPT_MODES, parse_prompt_mode
-from apportion.algorithms.registry import ALGORITHMS, SEARCHES, make_algorithm
+from apportion.algorithms.registry import ALGORITHMS, NEEDS_PROCESS_SCORER, make_algorithm
+from apportion.algorithms.settings import parse_settings
 from apportion.algorithms.stopping import STOP_RULES, parse_stop
 from apportion.batch import Item, answer_many, read_items
 from apportion.budget.units import Budget
@@ -116,17 +117,24 @@ def run(
     program_memory_mb: Annotated[int | None, typer.Option(
         help="program-aided: memory each program's interpreter may use, in MB (default 512).")] = None,
     process_scorer: Annotated[str | None, typer.Option(
-        "--process-scorer", help="beam-search, dvts: what rates each step (required): 'judge' (the model "
+        "--process-scorer", help="Step-wise searches: what rates each step (required by beam-search, dvts, "
+                                 "particle-filtering, particle-gibbs; tree-of-thoughts values its own states "
+                                 "without one): 'judge' (the model "
                                  "judges each new step, through the same backend), 'game24' (the Game of 24 "
                                  "verifier), or a process reward model served by vLLM: "
                                  "'prm:base_url=URL,model=NAME[,key=value...]' (any PRMOptions field).")] = None,
     beam_width: Annotated[int | None, typer.Option(
-        help="beam-search, dvts: M, the next steps asked of each kept path or subtree (default 4).")] = None,
+        help="Step-wise searches: M, the next steps asked of each kept path or subtree, or ToT's thoughts "
+             "per state (default 4).")] = None,
     aggregation: Annotated[str | None, typer.Option(
-        help="beam-search, dvts: a path's score from its step scores: last, min, product or mean "
+        help="Step-wise searches: a path's score from its step scores: last, min, product or mean "
              "(default last).")] = None,
     max_steps: Annotated[int | None, typer.Option(
-        help="beam-search, dvts: the most steps a path may take (default 16).")] = None,
+        help="Step-wise searches: the most steps a path may take (default 16).")] = None,
+    setting: Annotated[list[str] | None, typer.Option(
+        "--set", help="An algorithm's own setting, KEY=VALUE (repeatable): e.g. resampling=multinomial, "
+                      "ess_threshold=1, sweeps=3 (particle filtering, Gibbs); breadth=5 (tree-of-thoughts); "
+                      "agents=4, rounds=1 (debate). An unknown key lists the algorithm's settings.")] = None,
     total_budget: Annotated[str | None, typer.Option(
         "--total-budget", help="With --file: one budget for the whole file, shared out by --policy "
                                "(the same as `apportion batch`); --budget is then unused.")] = None,
@@ -141,6 +149,9 @@ def run(
     """Answer a prompt (or a file of prompts) within a budget."""
     console = Console(stderr=True, soft_wrap=True)
     try:
+        if setting and (total_budget is not None or algorithm.lower() == "cascade"):
+            raise ConfigError("--set reaches one algorithm's settings; --total-budget and cascades choose "
+                              "their algorithms themselves")
         cascade = _cascade(algorithm, models, cascade_samples, threshold, confidence, stop,
                            {"--base-url": base_url, "--model": model, "--model-path": model_path, "--price": price,
                             "--price-file": price_file})
@@ -196,12 +207,13 @@ def run(
         programs = _program_options(program_time_limit, program_memory_mb)
         search = _search_options(beam_width, aggregation, max_steps)
         chosen_process = make_process_scorer(process_scorer) if process_scorer is not None else None
+        settings = parse_settings(setting or ())
         others: list[Backend] = []
         if cascade is None:
             chosen = make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing,
                                     programs=programs, process_scorer=chosen_process,
-                                    search=search)  # validates before any work
-            if chosen.name in SEARCHES and chosen_process is None:
+                                    search=search, settings=settings)  # validates before any work
+            if chosen.name in NEEDS_PROCESS_SCORER and chosen_process is None:
                 raise ConfigError(f"{chosen.name} needs --process-scorer, what rates each step")
             backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
             check_budget_can_bind(parsed_budget, backend, chosen)
@@ -218,7 +230,7 @@ def run(
         if cascade is not None:
             return cascade_algorithm(cascade, backends, sampling)[1]
         return make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing, programs=programs,
-                              process_scorer=chosen_process, search=search)
+                              process_scorer=chosen_process, search=search, settings=settings)
 
     if items is not None:
         assert out is not None
