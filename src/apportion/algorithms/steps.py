@@ -271,21 +271,27 @@ class StepSearch:
 
     # -- one search step -----------------------------------------------------------------------
 
-    async def step(self, wants: Sequence[tuple[Path, int]]) -> list[list[Path]]:
+    async def step(self, wants: Sequence[tuple[Path, int]],
+                   caps: Sequence[int | None] | None = None) -> list[list[Path]]:
         """For each (path, k): up to k children, each the path and its next step, scored. All
         requests go out together; one request per distinct prefix. Finished children are counted
         and kept (``finished``). A path that got children is replaced by them (its hold passed
-        on); one that got none (refused) is still live."""
-        children = await self.expand(wants)
+        on); one that got none (refused) is still live. ``caps`` (one per want, None: none) bound
+        each want's children's step tokens below the step and path limits (a token share)."""
+        children = await self.expand(wants, caps)
         flat = [c for kids in children for c in kids]
         scored = iter(await self.score(flat))
         out = [[next(scored) for _ in kids] for kids in children]
         self.finish([c for kids in out for c in kids if c.finished])
         return out
 
-    async def expand(self, wants: Sequence[tuple[Path, int]]) -> list[list[Path]]:
+    async def expand(self, wants: Sequence[tuple[Path, int]],
+                     caps: Sequence[int | None] | None = None) -> list[list[Path]]:
         """The unscored children of each (path, k); see ``step``."""
-        ks = [k if k > 0 and self._tokens_left(p) > 0 else 0 for p, k in wants]
+        bounds = caps if caps is not None else [None] * len(wants)
+        limits = [self._tokens_left(p) if cap is None else min(self._tokens_left(p), cap)
+                  for (p, _), cap in zip(wants, bounds)]
+        ks = [k if k > 0 and limit > 0 else 0 for (_, k), limit in zip(wants, limits)]
         holding = sum(1 for (p, _), k in zip(wants, ks) if p.steps and k)
         extra = sum(ks) - holding
         got = self._take(max(0, extra))
@@ -306,7 +312,7 @@ class StepSearch:
             for members in groups.values():
                 offsets.append(offsets[-1] + sum(ks[i] for i in members))
             replies = await asyncio.gather(*(self._request([wants[i][0] for i in members], sum(ks[i] for i in members),
-                                                           offset)
+                                                           offset, min(limits[i] for i in members))
                                              for members, offset in zip(groups.values(), offsets)))
             self.rounds += 1
             for members, reply in zip(groups.values(), replies):
@@ -389,10 +395,10 @@ class StepSearch:
     def _tokens_left(self, path: Path) -> int:
         return min(self.steps.step_tokens, self.sampling.max_tokens - path.tokens)
 
-    async def _request(self, parents: Sequence[Path], n: int, offset: int) -> Completion | None:
-        """One request for ``n`` next steps after the parents' shared steps; None when refused or failed."""
+    async def _request(self, parents: Sequence[Path], n: int, offset: int, max_tokens: int) -> Completion | None:
+        """One request for ``n`` next steps of at most ``max_tokens`` after the parents' shared
+        steps; None when refused or failed."""
         ctx, s = self.ctx, self.sampling
-        max_tokens = min(self._tokens_left(p) for p in parents)
         params = SamplingParams(
             n=n, max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
             stop=tuple(dict.fromkeys((*self.steps.stops, *s.stop))),
