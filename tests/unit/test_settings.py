@@ -75,3 +75,21 @@ def test_the_command_line_sets_a_debate_and_refuses_a_wrong_key():
     assert out["answer"] == "42" and out["spent"]["generations"] == 2
     assert [b.get("n", 1) for b in bodies] == [2, 1, 1]  # the first answers together, then one turn per agent
     assert wrong.exit_code == 2 and "debate has no setting 'round'" in wrong.output
+
+
+def test_planning_takes_a_base_by_name_and_refuses_other_prefixes():
+    from apportion.algorithms.planning import Planning
+    from apportion.algorithms.registry import canonical, needs_process_scorer, takes_process_scorer
+
+    plain = make_algorithm("plan")
+    assert isinstance(plain, Planning) and plain.base.name == "self-consistency"
+    over_beam = make_algorithm("planning/beam", settings={"approaches": "2"})
+    assert isinstance(over_beam, Planning) and over_beam.base.name == "beam-search"
+    assert over_beam.options.approaches == 2 and needs_process_scorer(over_beam)
+    assert canonical("Plan/PF") == "planning/particle-filtering" and takes_process_scorer("planning/tot")
+    assert not takes_process_scorer("planning") and not needs_process_scorer(make_algorithm("tot"))
+    for bad in ("debate/sc", "planning/planning", "planning/"):
+        with pytest.raises(ConfigError, match="only planning takes a base"):
+            make_algorithm(bad)
+    with pytest.raises(ConfigError, match="unknown algorithm 'nonesuch'"):
+        make_algorithm("planning/nonesuch")

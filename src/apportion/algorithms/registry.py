@@ -22,12 +22,14 @@ from apportion.algorithms.particle_filtering import (
     ParticleGibbs,
     ParticleGibbsOptions,
 )
+from apportion.algorithms.planning import Planning
 from apportion.algorithms.program_aided import PROGRAM_SYSTEM_PROMPT, ProgramAided, ProgramAidedOptions
 from apportion.algorithms.self_consistency import SelfConsistency, SelfConsistencyOptions
 from apportion.algorithms.settings import configure
 from apportion.algorithms.steps import STEP_SYSTEM_PROMPT, SearchOptions
 from apportion.algorithms.stopping import StopRule
 from apportion.algorithms.tree_of_thoughts import TreeOfThoughts, TreeOfThoughtsOptions
+from apportion.algorithms.value_tree_search import ValueTreeSearch, ValueTreeSearchOptions
 from apportion.errors import ConfigError
 from apportion.reward.base import OutcomeScorer
 from apportion.reward.process import ProcessScorer
@@ -111,6 +113,11 @@ def _particle_gibbs(sampling: SamplingOptions, parts: Components) -> Algorithm:
                          process_scorer=parts.process_scorer)
 
 
+def _value_tree_search(sampling: SamplingOptions, parts: Components) -> Algorithm:
+    return ValueTreeSearch(ValueTreeSearchOptions.from_search(_search_options(sampling, parts)),
+                           process_scorer=parts.process_scorer)
+
+
 def _tree_of_thoughts(sampling: SamplingOptions, parts: Components) -> Algorithm:
     search = _search_options(sampling, parts)
     # Without search settings k keeps ToT's own default rather than the searches' M.
@@ -146,18 +153,42 @@ ALGORITHMS: dict[str, Factory] = {
     "dvts": _dvts,
     "particle-filtering": _particle_filtering,
     "particle-gibbs": _particle_gibbs,
+    "value-tree-search": _value_tree_search,
     "tree-of-thoughts": _tree_of_thoughts,
     "debate": _debate,
+    "planning": lambda sampling, parts: Planning(_self_consistency(sampling, parts)),
 }
-SEARCHES = ("beam-search", "dvts", "particle-filtering", "particle-gibbs", "tree-of-thoughts")
+SEARCHES = ("beam-search", "dvts", "particle-filtering", "particle-gibbs", "value-tree-search", "tree-of-thoughts")
 """The step-wise searches: they take a process scorer and ``search`` settings."""
-NEEDS_PROCESS_SCORER = ("beam-search", "dvts", "particle-filtering", "particle-gibbs")
+NEEDS_PROCESS_SCORER = ("beam-search", "dvts", "particle-filtering", "particle-gibbs", "value-tree-search")
 """The searches that cannot run without a process scorer (ToT values its states itself without one)."""
+PLANNING = "planning"
+"""``planning/<base>`` plans approaches and spends each one's share with the base (default
+self-consistency): ``planning/beam-search``, ``planning/debate``..."""
 _ALIASES = {"sc": "self-consistency", "majority": "self-consistency", "bon": "best-of-n",
             "weighted-bon": "weighted-best-of-n", "wbon": "weighted-best-of-n", "s1": "budget-forcing",
             "forcing": "budget-forcing", "pal": "program-aided", "programs": "program-aided",
             "beam": "beam-search", "pf": "particle-filtering", "pg": "particle-gibbs", "tot": "tree-of-thoughts",
-            "mad": "debate"}
+            "mad": "debate", "vts": "value-tree-search", "plan": "planning"}
+
+
+def needs_process_scorer(algorithm: Algorithm) -> bool:
+    """Whether ``algorithm`` (or the base a planning run spends its budget with) cannot run without one."""
+    base = algorithm.base if isinstance(algorithm, Planning) else algorithm
+    return base.name in NEEDS_PROCESS_SCORER
+
+
+def takes_process_scorer(name: str) -> bool:
+    """Whether the algorithm called ``name`` (a planning run: its base) takes a process scorer and search settings."""
+    head, _, base = canonical(name).partition("/")
+    return (base or head) in SEARCHES
+
+
+def canonical(name: str) -> str:
+    """The registry's name for ``name`` (aliases resolved; ``planning/<base>`` keeps its base's)."""
+    head, slash, base = name.strip().lower().partition("/")
+    head = _ALIASES.get(head, head)
+    return f"{head}/{_ALIASES.get(base, base)}" if slash else head
 
 
 def make_algorithm(name: str, sampling: SamplingOptions | None = None,
@@ -184,7 +215,13 @@ def make_algorithm(name: str, sampling: SamplingOptions | None = None,
 def _make(name: str, sampling: SamplingOptions | None, scorer: OutcomeScorer | None, stopping: StopRule | None,
           forcing: BudgetForcingOptions | None, programs: ProgramAidedOptions | None,
           process_scorer: ProcessScorer | None, search: SearchOptions | None) -> Algorithm:
-    key = _ALIASES.get(name.lower(), name.lower())
+    key = canonical(name)
+    head, slash, base = key.partition("/")
+    if slash:
+        if head != PLANNING or not base or base.startswith(PLANNING):
+            raise ConfigError(f"{name!r}: only planning takes a base algorithm (planning/<base>, e.g. "
+                              "planning/beam-search), and the base cannot be planning")
+        return Planning(_make(base, sampling, scorer, stopping, forcing, programs, process_scorer, search))
     factory = ALGORITHMS.get(key)
     if factory is None:
         raise ConfigError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from apportion.algorithms.base import SamplingOptions, check_budget_can_bind
-from apportion.algorithms.registry import ALGORITHMS, SEARCHES, make_algorithm
+from apportion.algorithms.registry import ALGORITHMS, make_algorithm, needs_process_scorer
 from apportion.allocate.engine import BatchResult, answer_batch
 from apportion.allocate.learned import LearnedEstimator
 from apportion.allocate.policies import POLICIES, StrategyTable, ThinkRoute, make_policy
@@ -157,7 +157,7 @@ def checked_job(file: Path, out: Path | None, total_budget: str, policy: str, al
     elif ray_address is not None:
         raise ConfigError("--ray-address goes with --executor ray")
     total = Budget.parse(total_budget)
-    if make_algorithm(algorithm, sampling, make_scorer(scorer)).name in SEARCHES:  # validates before any work
+    if needs_process_scorer(make_algorithm(algorithm, sampling, make_scorer(scorer))):  # validates before any work
         raise ConfigError(f"{algorithm} needs a process scorer, which `apportion batch` does not take yet "
                           "(use `apportion run --file ... --process-scorer ...`)")
     table = StrategyTable.load(strategies) if strategies is not None else None

@@ -20,7 +20,7 @@ from apportion.algorithms.beam_search import BeamSearchOptions
 from apportion.algorithms.budget_forcing import BudgetForcingOptions
 from apportion.algorithms.program_aided import ProgramAidedOptions
 from apportion.algorithms.prompting import PROMPT_MODES, parse_prompt_mode
-from apportion.algorithms.registry import ALGORITHMS, NEEDS_PROCESS_SCORER, make_algorithm
+from apportion.algorithms.registry import ALGORITHMS, make_algorithm, needs_process_scorer
 from apportion.algorithms.settings import parse_settings
 from apportion.algorithms.stopping import STOP_RULES, parse_stop
 from apportion.batch import Item, answer_many, read_items
@@ -213,7 +213,7 @@ def run(
             chosen = make_algorithm(algorithm, sampling, chosen_scorer, stopping, forcing=forcing,
                                     programs=programs, process_scorer=chosen_process,
                                     search=search, settings=settings)  # validates before any work
-            if chosen.name in NEEDS_PROCESS_SCORER and chosen_process is None:
+            if needs_process_scorer(chosen) and chosen_process is None:
                 raise ConfigError(f"{chosen.name} needs --process-scorer, what rates each step")
             backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
             check_budget_can_bind(parsed_budget, backend, chosen)
