@@ -4,6 +4,8 @@ A run directory holds:
 
 - ``bank.jsonl``: the sample bank (every raw sample: text, extracted answer, tokens, log-probs),
   when any cell is replayed; written as it is drawn, so ``--resume`` continues a cut-off draw;
+- ``live.jsonl``: the journal of live cells (ours, and peers on the live server), one line per
+  question as it finishes, so ``--resume`` skips what a cut-off run finished (``bench.journal``);
 - ``samples.jsonl``: for live cells, every run's full result (candidates with their texts);
 - ``results.jsonl``: one line per cell and question (right or not, answer, tokens, dollars);
 - ``summary.json``: the configuration and one row per cell (the format ``report`` reads).
@@ -16,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -33,8 +36,9 @@ from apportion.bench.grid import (
     live_cell,
     replay_cells,
 )
+from apportion.bench.journal import JOURNAL_FILE, LiveJournal
 from apportion.bench.oracle import OraclePoint, oracle_curve
-from apportion.bench.peers import PeerRun, peer, peer_rows
+from apportion.bench.peers import PeerRun, PeerSearch, peer, peer_rows
 from apportion.bench.stats import anytime_index
 from apportion.bench.stop_cells import stop_cell
 from apportion.budget.units import Price
@@ -88,7 +92,7 @@ class _Sinks:
                     "mode": row.mode, "question_id": o.problem.id, "level": o.problem.level,
                     "gold": o.problem.answer, "answer": o.answer, "right": o.right,
                     "input_tokens": o.input_tokens, "output_tokens": o.output_tokens, "usd": o.usd,
-                    "error": o.error}
+                    "error": o.error, "search": o.search}
             self.results.write(json.dumps(line, ensure_ascii=False) + "\n")
             if o.extra:
                 if self.samples is None:
@@ -104,7 +108,7 @@ class _Sinks:
             self.samples.close()
 
 
-RUN_FILES = ("bank.jsonl", "results.jsonl", "samples.jsonl", "summary.json")
+RUN_FILES = ("bank.jsonl", JOURNAL_FILE, "results.jsonl", "samples.jsonl", "summary.json")
 
 
 def check_run_dir(out: Path, *, resume: bool) -> None:
@@ -114,12 +118,12 @@ def check_run_dir(out: Path, *, resume: bool) -> None:
         raise ConfigError(f"--out {out} is a file; it must name a run directory (new, or one to --resume)")
     held = [name for name in RUN_FILES if (out / name).exists()]
     if resume:
-        if not (out / "bank.jsonl").is_file():
-            raise ConfigError(f"--resume: {out} holds no sample bank to continue")
+        if not ((out / "bank.jsonl").is_file() or (out / JOURNAL_FILE).is_file()):
+            raise ConfigError(f"--resume: {out} holds no sample bank and no journal of live cells to continue")
         return
     if held:
         raise ConfigError(f"{out} already holds a run ({', '.join(held)}); pass --resume to continue its "
-                          "sample bank, or choose another --out (a run directory is never overwritten)")
+                          "sample bank and live cells, or choose another --out (a run directory is never overwritten)")
 
 
 async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progress | None = None) -> BenchOutcome:
@@ -151,6 +155,11 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
         bank = await _draw(spec, backend, progress)
     if bank is not None and options.bank_size > bank.k:
         raise ConfigError(f"budget {options.bank_size} exceeds the bank's {bank.k} samples per question")
+    journal = None
+    if live or (spec.peers and _peer_mode(spec, backend, has_bank=bank is not None) == "live"):
+        # read (and checked) before anything of the earlier run is rewritten
+        journal = LiveJournal(spec.out / JOURNAL_FILE, _journal_meta(spec, backend), spec.problems,
+                              resume=spec.resume)
     sinks = _Sinks(spec.out)
     rows: list[Row] = []
     failures: list[str] = []
@@ -178,10 +187,12 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
                 rows.append(row)
                 sinks.record(row, outcomes)
         for algorithm in live:
-            assert backend is not None
+            assert backend is not None and journal is not None
             for budget in options.budgets:
+                cell = ("apportion", canonical(algorithm), budget)
                 row, outcomes = await live_cell(backend, spec.problems, algorithm, budget, options,
-                                                equivalence=eq, progress=progress)
+                                                equivalence=eq, progress=progress, done=journal.done(cell),
+                                                record=partial(journal.add, cell))
                 rows.append(row)
                 sinks.record(row, outcomes)
         if spec.peers:
@@ -189,11 +200,14 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
             algorithms = spec.peer_algorithms or options.algorithms
             for name in spec.peers:
                 for row, outcomes in await peer_rows(name, algorithms, options.budgets, spec.problems,
-                                                     peer_run, equivalence=eq, progress=progress):
+                                                     peer_run, equivalence=eq, progress=progress,
+                                                     journal=journal if peer_run.mode == "live" else None):
                     rows.append(row)
                     sinks.record(row, outcomes)
             failures = peer_run.failures
     finally:
+        if journal is not None:
+            journal.close()
         sinks.close()
         # written whatever happened to the peers: the cells already run are never lost
         summary = _summary(spec, backend, bank, rows, time.monotonic() - started)
@@ -261,6 +275,14 @@ async def _draw(spec: BenchSpec, backend: Backend, progress: Progress | None) ->
     return bank
 
 
+def _journal_meta(spec: BenchSpec, backend: Backend | None) -> dict[str, Any]:
+    """What every live outcome depends on beside its cell and question (``bench.journal``)."""
+    options = spec.options
+    return {"dataset": spec.dataset, "model": backend.model if backend is not None else None, "seed": options.seed,
+            "sampling": asdict(options.sampling), "scorer": options.scorer,
+            "process_scorer": options.process_scorer_name, "search": options.search_dict(), "judge": options.judge}
+
+
 def _peer_mode(spec: BenchSpec, backend: Backend | None, *, has_bank: bool) -> str:
     for name in spec.peers:
         peer(name)  # an unknown name is a usage error, before any peer runs
@@ -277,14 +299,16 @@ def _peer_mode(spec: BenchSpec, backend: Backend | None, *, has_bank: bool) -> s
 def _peer_run(spec: BenchSpec, backend: Backend | None, bank: SampleBank | None, price: Price) -> PeerRun:
     mode = _peer_mode(spec, backend, has_bank=bank is not None)
     options = spec.options
+    search = PeerSearch(options.process_scorer, options.search) if options.process_scorer is not None else None
     if mode == "replay":
         assert bank is not None
         return PeerRun(lambda order: ReplayBackend(bank, seed=options.seed + order, price=price), "replay",
-                       spec.peer_orders, options.sampling, options.seed, options.concurrency)
+                       spec.peer_orders, options.sampling, options.seed, options.concurrency, judge=options.judge,
+                       search=search)
     http = backend
     assert isinstance(http, OpenAIHTTPBackend)
     return PeerRun(lambda order: OpenAIHTTPBackend(http.options), "live", 1, options.sampling, options.seed,
-                   options.concurrency)
+                   options.concurrency, judge=options.judge, search=search)
 
 
 def _check_resumable(previous: SampleBank, backend: Backend, options: GridOptions, dataset: str) -> None:
@@ -312,7 +336,9 @@ def _summary(spec: BenchSpec, backend: Backend | None, bank: SampleBank | None, 
         "seconds": round(seconds, 3),
         "apportion": __version__,
         "config": {"algorithms": list(options.algorithms), "budgets": list(options.budgets),
-                   "scorer": options.scorer, "orders": options.orders, "seed": options.seed,
+                   "scorer": options.scorer, "process_scorer": options.process_scorer_name,
+                   "search": options.search_dict(), "judge": options.judge,
+                   "orders": options.orders, "seed": options.seed,
                    "live": options.live, "concurrency": options.concurrency,
                    "sampling": asdict(options.sampling), "bank_k": bank.k if bank is not None else None,
                    "peers": list(spec.peers), "peer_endpoint": spec.peer_endpoint, "peer_orders": spec.peer_orders,

@@ -6,6 +6,7 @@ import asyncio
 import json
 from dataclasses import replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,10 +16,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from apportion.algorithms.prompting import PROMPT_MODES, parse_prompt_mode
+from apportion.algorithms.steps import SearchOptions
 from apportion.algorithms.stopping import parse_stop
 from apportion.banks import open_bank
-from apportion.bench.datasets import DATASETS, load_dataset
-from apportion.bench.grid import GridOptions, Row, canonical
+from apportion.bench.datasets import DATASETS, judge_for, load_dataset, system_prompt_for
+from apportion.bench.grid import GridOptions, Row, canonical, is_search
 from apportion.bench.harness import BenchOutcome, BenchSpec, check_run_dir, run_bench
 from apportion.bench.peers import peer as peer_module
 from apportion.bench.replay import bank_sampling
@@ -46,11 +48,13 @@ from apportion.cli._app import (
     checked_preflight,
     fail,
     make_backend,
+    make_process_scorer,
     sampling_options,
 )
 from apportion.cli.bench_policies import run_policies
 from apportion.errors import ApportionError, ConfigError
 from apportion.lm.base import Backend
+from apportion.lm.openai_http import CONTINUATION_MODES, OpenAIHTTPBackend
 
 bench_app = typer.Typer(
     help="Accuracy-versus-spend over a dataset (no subcommand), or the engine's own benchmarks.",
@@ -64,7 +68,9 @@ def bench(
     ctx: typer.Context,
     dataset: Annotated[str | None, typer.Option(
         help=f"A dataset name ({', '.join(DATASETS)}) or a JSONL file.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N questions.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N questions (after --offset).")] = None,
+    offset: Annotated[int, typer.Option(help="Skip the dataset's first N questions (game24: --offset 900 "
+                                             "asks ranks 901 on, the Tree-of-Thoughts set).")] = 0,
     algorithms: Annotated[str, typer.Option(help="Comma-separated algorithms.")] = "self-consistency,best-of-n",
     budgets: Annotated[str, typer.Option(help="Comma-separated generation budgets.")] = "1,2,4,8,16",
     question_field: Annotated[str | None, typer.Option(help="Question field of a JSONL dataset.")] = None,
@@ -76,7 +82,8 @@ def bench(
     live: Annotated[bool, typer.Option(help="Run every cell live instead of replaying a bank.")] = False,
     orders: Annotated[int, typer.Option(help="Random sample orders per replayed cell.")] = 100,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<dataset>-<time>).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the bank already in --out.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in --out: its sample bank, and its live cells from their journal.")] = False,
     concurrency: BenchConcurrencyOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling and replay orders.")] = 0,
     peer: Annotated[list[str] | None, typer.Option(
@@ -94,6 +101,21 @@ def bench(
     price: PriceOpt = None,
     price_file: PriceFileOpt = None,
     scorer: ScorerOpt = "self-certainty",
+    process_scorer: Annotated[str | None, typer.Option(
+        "--process-scorer", help="What rates each step of the step-wise searches (required with one): 'judge' "
+                                 "(the model judges each new step) or 'game24' (the Game of 24 verifier); other "
+                                 "algorithms ignore it.")] = None,
+    beam_width: Annotated[int | None, typer.Option(
+        help="Step-wise searches: M, the next steps asked of each kept path or subtree (default 4).")] = None,
+    aggregation: Annotated[str | None, typer.Option(
+        help="Step-wise searches: a path's score from its step scores: last, min, product or mean "
+             "(default last).")] = None,
+    max_steps: Annotated[int | None, typer.Option(
+        help="Step-wise searches: the most steps a path may take (default 16).")] = None,
+    continuation: Annotated[str | None, typer.Option(
+        help="With --base-url: how a partial answer is continued (searches step by step): 'server' "
+             "(vLLM/SGLang's continue_final_message, the default), 'chatml' (rendered here and sent to "
+             "/completions: llama-cpp-python's server with a ChatML model such as Qwen), 'none'.")] = None,
     max_tokens: MaxTokensOpt = 512,
     temperature: TemperatureOpt = 0.8,
     top_p: TopPOpt = 0.95,
@@ -140,12 +162,15 @@ def bench(
             # --model-path stays: its tokenizer counts the tokens of a bank that stored none
             unused = [name for name in ("base_url", "model", "price_file", "resume", "live", "timeout",
                                         "question_field", "answer_field", "level_field", "data_dir",
-                                        "max_tokens", "temperature", "top_p", "system_prompt", "prompt_mode")
+                                        "max_tokens", "temperature", "top_p", "system_prompt", "prompt_mode",
+                                        "offset", "continuation")
                       if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
             if unused:
                 raise ConfigError("--bank replays recorded samples; these options would be unused: "
                                   + ", ".join("--" + u.replace("_", "-") for u in unused))
         given_bank = open_bank(bank) if bank is not None else None
+        if system_prompt is None and dataset is not None:
+            system_prompt = system_prompt_for(dataset)  # game24 asks for the expression, not "The answer is N"
         sampling = replace(sampling_options(max_tokens, temperature, top_p, system_prompt),
                            prompt_mode=parse_prompt_mode(prompt_mode))
         scorer_given = getattr(ctx.get_parameter_source("scorer"), "name", None) == "COMMANDLINE"
@@ -155,12 +180,23 @@ def bench(
             sampling = bank_sampling(given_bank.meta, sampling)
             if not scorer_given and given_bank.has_scores:
                 scorer = "bank"
+        grid_algorithms = tuple(_split(algorithms, "algorithms"))
+        searched = [a for a in (*grid_algorithms, *(_split(peer_algorithms, "peer-algorithms") if peer_algorithms
+                                                    else ())) if is_search(a)]
+        search = _search_options(beam_width, aggregation, max_steps)
+        if (process_scorer is not None or search is not None) and not searched:
+            raise ConfigError("--process-scorer, --beam-width, --aggregation and --max-steps are the step-wise "
+                              "searches' settings, and no algorithm here is one")
+        if process_scorer is not None:
+            make_process_scorer(process_scorer)  # an unknown name is a usage error now, not in every question
         options = GridOptions(
-            algorithms=tuple(_split(algorithms, "algorithms")),
+            algorithms=grid_algorithms,
             budgets=tuple(_ints(budgets)),
             sampling=sampling, scorer=scorer, live=live, orders=orders, seed=seed,
             concurrency=bench_concurrency(concurrency, base_url),
             stops=tuple(parse_stop(s) for s in stop or ()),
+            process_scorer=partial(make_process_scorer, process_scorer) if process_scorer is not None else None,
+            search=search, judge=judge_for(dataset) if dataset is not None else "gold",
         )
         if given_bank is not None:
             problems = [e.problem for e in given_bank.entries][:limit]
@@ -174,9 +210,10 @@ def bench(
         else:
             assert dataset is not None
             problems = load_dataset(dataset, data=data_dir, limit=limit, question_field=question_field,
-                                    answer_field=answer_field, level_field=level_field)
+                                    answer_field=answer_field, level_field=level_field, offset=offset)
             name = Path(dataset).stem if dataset.endswith(".jsonl") else dataset
-            backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
+            backend = _continued(make_backend(base_url, model, api_key, model_path, price, price_file, timeout),
+                                 continuation)
         if policy:
             if given_bank is None:
                 raise ConfigError("--policy replays a bank: give --bank")
@@ -251,17 +288,24 @@ async def _run(spec: BenchSpec, backend: Backend | None, console: Console) -> Be
 def _table(rows: list[Row], summary: dict[str, Any], console: Console) -> None:
     table = Table(title=f"{summary['dataset']}: {summary['questions']} questions, {summary['model']} "
                         f"({summary['backend']})")
+    searched = any(r.steps is not None for r in rows)
     for column in ("system", "algorithm", "budget", "mode", "accuracy [95% CI]", "± orders", "in tok", "out tok",
-                   "$ / question", "wall s"):
+                   "tok", *(["steps / trips / scoring"] if searched else []), "$ / question", "wall s"):
         table.add_column(column, justify="left" if column in ("system", "algorithm", "mode") else "right")
     for r in rows:
+        figures = ("-" if r.steps is None else
+                   " / ".join("-" if v is None else f"{v:.1f}" for v in (r.steps, r.round_trips, r.scoring_calls)))
         table.add_row(r.system, r.algorithm + (f" ({r.scorer})" if r.scorer else ""), str(r.budget), r.mode,
                       f"{100 * r.accuracy:.1f}% [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]",
                       "-" if r.accuracy_std is None else f"{100 * r.accuracy_std:.1f}",
-                      f"{r.input_tokens:.0f}", f"{r.output_tokens:.0f}", f"{r.usd:.6f}",
+                      f"{r.input_tokens:.0f}", f"{r.output_tokens:.0f}", f"{r.tokens:.0f}",
+                      *([figures] if searched else []), f"{r.usd:.6f}",
                       ("~" if r.wall_estimated else "") + f"{r.wall_seconds:.1f}"
                       + (f" ({r.errors} err)" if r.errors else ""))
     console.print(table)
+    if searched:
+        console.print("steps / trips / scoring: a search's mean steps, round trips (the steps plus the rounds of "
+                      "scoring that made calls) and process-scorer calls per question")
 
 
 def _series_label(series: dict[str, Any]) -> str:
@@ -282,6 +326,27 @@ def check_report_path(out: Path) -> None:
         raise ConfigError(f"--out {out} is a directory; give a file name for the JSON report")
     if out.parent.exists() and not out.parent.is_dir():
         raise ConfigError(f"--out {out}: {out.parent} is not a directory")
+
+
+def _search_options(beam_width: int | None, aggregation: str | None, max_steps: int | None) -> SearchOptions | None:
+    """The step-wise searches' settings where any was given (None: each search's defaults)."""
+    if beam_width is None and aggregation is None and max_steps is None:
+        return None
+    defaults = SearchOptions()
+    steps = defaults.steps if max_steps is None else replace(defaults.steps, max_steps=max_steps)
+    return replace(defaults, beam_width=defaults.beam_width if beam_width is None else beam_width,
+                   aggregation=aggregation or defaults.aggregation, steps=steps)
+
+
+def _continued(backend: Backend, continuation: str | None) -> Backend:
+    """``backend`` with ``--continuation`` (an HTTP backend's setting)."""
+    if continuation is None:
+        return backend
+    if continuation not in CONTINUATION_MODES:
+        raise ConfigError(f"--continuation must be one of {', '.join(CONTINUATION_MODES)}, got {continuation!r}")
+    if not isinstance(backend, OpenAIHTTPBackend):
+        raise ConfigError("--continuation is for a server (--base-url); the embedded model continues by itself")
+    return OpenAIHTTPBackend(replace(backend.options, continuation=continuation))
 
 
 def _split(text: str, what: str) -> list[str]:

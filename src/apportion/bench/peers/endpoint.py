@@ -6,14 +6,21 @@ prompt tokens and drops truncated samples), so every request they make is counte
 server side, and matched to its question (after ``rewrite``, which undoes a peer's known wrapping of the
 question): by the last user message, else by the first question
 whose text appears in any message (a judge's prompt quotes the question it grades).
+
+``rewrite_body`` likewise undoes a peer's known quirk in a request's JSON before the server reads
+it (its-hub repeats vLLM's fields in a literal ``extra_body``, which a strict server refuses).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from apportion.banks import Problem
 from apportion.budget.units import Price, Usage
@@ -89,13 +96,55 @@ class CountingBackend:
         await self.inner.aclose()
 
 
+BodyRewrite = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class _RewrittenBodies:
+    """An ASGI wrapper handing the app each POST's JSON object after ``rewrite`` (anything else as sent)."""
+
+    def __init__(self, app: ASGIApp, rewrite: BodyRewrite) -> None:
+        self.app = app
+        self.rewrite = rewrite
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: nothing to rewrite
+                await self.app(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        try:
+            parsed = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            parsed = None  # the app says what is wrong with it
+        if isinstance(parsed, dict):
+            body = json.dumps(self.rewrite(parsed)).encode()
+        pending = [body]
+
+        async def replay() -> Message:
+            if pending:
+                return {"type": "http.request", "body": pending.pop(), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 class PeerEndpoint:
     """``with PeerEndpoint(backend, problems) as ep: ... ep.base_url ... ep.counter.usage``."""
 
     def __init__(self, backend: Backend, problems: Sequence[Problem],
-                 rewrite: Callable[[Prompt], Prompt] | None = None) -> None:
+                 rewrite: Callable[[Prompt], Prompt] | None = None,
+                 rewrite_body: BodyRewrite | None = None) -> None:
         self.counter = CountingBackend(backend, problems, rewrite)
-        self._served = ServedApp(openai_app(self.counter))
+        app: ASGIApp = openai_app(self.counter)
+        self._served = ServedApp(app if rewrite_body is None else _RewrittenBodies(app, rewrite_body))
 
     @property
     def base_url(self) -> str:

@@ -24,13 +24,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from apportion.algorithms.base import SamplingOptions
 from apportion.banks import Problem
+from apportion.bench.peers.reply import PeerReply, PeerSearch
 from apportion.lm.base import Message, Prompt
 from apportion.serve.runner import bind_free_port
 
@@ -53,12 +55,16 @@ def available() -> str | None:
     return None
 
 
-def scorer(algorithm: str) -> str | None:
+def scorer(algorithm: str, search: PeerSearch | None = None) -> str | None:
     return "llm-rating" if algorithm == "best-of-n" else None
 
 
 def fixed_budget(algorithm: str) -> int | None:
     return FIXED_BUDGET.get(algorithm)
+
+
+def rewrite_body(body: dict[str, Any]) -> dict[str, Any]:
+    return body
 
 
 def unwrap(prompt: Prompt) -> Prompt:
@@ -123,38 +129,57 @@ class Proxy:
         self._log.close()
 
 
+def needs_search(algorithm: str) -> bool:
+    return False
+
+
+def refuses(algorithm: str, budget: int, search: PeerSearch | None) -> str | None:
+    return None
+
+
 async def answer(algorithm: str, base_url: str, model: str, problems: Sequence[Problem], budget: int,
-                 sampling: SamplingOptions, *, seed: int, concurrency: int) -> list[tuple[str | None, str | None]]:
+                 sampling: SamplingOptions, *, seed: int, concurrency: int, search: PeerSearch | None = None,
+                 on_reply: Callable[[int, PeerReply], None] | None = None) -> list[PeerReply]:
+    """One reply per problem, in order (each also to ``on_reply`` with its index as it comes);
+    optillm has no step-wise search, so ``search`` is unused."""
     try:
         proxy = Proxy(base_url, budget)
     except OSError as exc:
-        return [(None, f"optillm could not start: {exc}")] * len(problems)
+        return [PeerReply(None, f"optillm could not start: {exc}")] * len(problems)
     try:
         await proxy.wait()
     except RuntimeError as exc:
         proxy.stop()
-        return [(None, str(exc))] * len(problems)
+        return [PeerReply(None, str(exc))] * len(problems)
     limit = asyncio.Semaphore(concurrency)
     messages = [{"role": "system", "content": sampling.system_prompt}] if sampling.system_prompt else []
 
-    async def one(client: httpx.AsyncClient, problem: Problem) -> tuple[str | None, str | None]:
+    async def ask(client: httpx.AsyncClient, problem: Problem) -> PeerReply:
         body = {"model": f"{ALGORITHMS[algorithm]}-{model}", "max_tokens": sampling.max_tokens,
                 "temperature": sampling.temperature,
                 "messages": [*messages, {"role": "user", "content": problem.question}]}
         async with limit:
+            started = time.monotonic()
             try:
                 reply = await client.post(f"{proxy.url}/v1/chat/completions", json=body)
             except httpx.HTTPError as exc:
-                return None, f"{type(exc).__name__}: {exc}"
+                return PeerReply(None, f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - started)
+        seconds = time.monotonic() - started
         if reply.status_code != 200:
-            return None, f"HTTP {reply.status_code}: {reply.text[:300]}"
+            return PeerReply(None, f"HTTP {reply.status_code}: {reply.text[:300]}", seconds=seconds)
         try:
-            return reply.json()["choices"][0]["message"]["content"], None
+            return PeerReply(reply.json()["choices"][0]["message"]["content"], None, seconds=seconds)
         except (ValueError, KeyError, IndexError) as exc:
-            return None, f"malformed reply ({exc}): {reply.text[:300]}"
+            return PeerReply(None, f"malformed reply ({exc}): {reply.text[:300]}", seconds=seconds)
+
+    async def one(client: httpx.AsyncClient, index: int, problem: Problem) -> PeerReply:
+        reply = await ask(client, problem)
+        if on_reply is not None:
+            on_reply(index, reply)
+        return reply
 
     try:
         async with httpx.AsyncClient(timeout=_REQUEST_S) as client:
-            return list(await asyncio.gather(*(one(client, p) for p in problems)))
+            return list(await asyncio.gather(*(one(client, i, p) for i, p in enumerate(problems))))
     finally:
         proxy.stop()
