@@ -245,3 +245,37 @@ def test_slot_builders_build_what_the_constructors_build():
     assert slot_builder(Checked, ("a",))(3) == Checked(3)
     with pytest.raises(TypeError):
         slot_builder(Checked, ("b",))  # a field without a default left out
+
+
+# -- votes set in place -----------------------------------------------------------------------------
+
+def test_a_tally_sets_fresh_votes_in_place_and_copies_every_other_change():
+    eq = Equivalence()
+    old = [Candidate(f"The answer is {a}", a, a, "answer_is", "stop", 5, None) for a in ("1", "2")]
+    new = [Candidate(f"The answer is {a}", a, a, "answer_is", "stop", 5, None) for a in ("1", "1")]
+    t = tally([*old, *new], eq, fresh=2)
+    assert [c.votes for c in t.candidates] == [3, 1, 3, 3]
+    assert t.candidates[2] is new[0] and t.candidates[3] is new[1]  # fresh: set in place
+    assert t.candidates[0] is not old[0] and old[0].votes == 0 and old[1].votes == 0  # seen before: copied
+    assert tally([*old, *new], eq).candidates[2] is new[0]  # votes already right: nothing to copy
+
+
+async def test_self_consistency_never_changes_a_result_it_already_gave():
+    """Candidates of an earlier (interim) result keep the votes they had when it was given, though
+    later rounds change the vote: only candidates no result holds yet are set in place."""
+    from apportion.algorithms.base import SamplingOptions
+    from apportion.algorithms.self_consistency import SelfConsistency, SelfConsistencyOptions
+    from apportion.algorithms.stopping import ESC
+    from apportion.budget.units import Budget
+    from apportion.lm.scripted import ScriptedBackend
+
+    lm = ScriptedBackend(["The answer is 7.", "The answer is 8.", "The answer is 7.", "The answer is 9."])
+    algo = SelfConsistency(SelfConsistencyOptions(SamplingOptions(), ESC(window=2)))
+    seen = []
+    async for result in algo.stream(lm, "What is 3 + 4?", Budget(generations=8), seed=0):
+        seen.append((result, [c.votes for c in result.candidates]))
+    assert len(seen) >= 3 and any(len(r.candidates) < len(seen[-1][0].candidates) for r, _ in seen)
+    assert all([c.votes for c in r.candidates] == votes for r, votes in seen)
+    final = seen[-1][0]
+    assert [c.votes for c in final.candidates] == [sum(d.answer == c.answer for d in final.candidates)
+                                                   for c in final.candidates]

@@ -47,8 +47,10 @@ class SelfConsistency(Algorithm):
         def current(final: bool) -> Result:
             nonlocal votes
             if votes is None or votes[0] != len(candidates):  # candidates only grow
+                # Those drawn since the last vote are in no result yet: their votes are set in place.
+                drawn = len(candidates) - (votes[0] if votes is not None else len(prior))
                 votes = (len(candidates), tally(candidates, ctx.equivalence,
-                                                rule.vote_weights(candidates) if rule else None))
+                                                rule.vote_weights(candidates) if rule else None, fresh=drawn))
             t = votes[1]
             response = candidates[t.winner_index].text if t.winner_index is not None else None
             return ctx.result(answer=t.winner, response=response, candidates=t.candidates,

@@ -26,11 +26,15 @@ class Tally:
 
 
 def tally(candidates: Sequence[Candidate], equivalence: Equivalence,
-          weights: Sequence[float | None] | None = None) -> Tally:
+          weights: Sequence[float | None] | None = None, *, fresh: int = 0) -> Tally:
     """Sum ``weights`` (default 1 each; None counts nothing) per distinct answer.
 
     Ties go to the answer whose candidates are jointly more confident (summed geometric-mean token
     probability), then to the answer seen first: deterministic for a given sample order.
+
+    The last ``fresh`` candidates are the caller's own, drawn since its last vote and not yet in
+    any result: their votes are set in place instead of copied (a copy per sample was a fifth of
+    the engine's own cost at 64 samples). Every other candidate whose votes change is copied.
     """
     if weights is not None and len(weights) != len(candidates):
         raise ValueError("one weight per candidate")
@@ -50,8 +54,10 @@ def tally(candidates: Sequence[Candidate], equivalence: Equivalence,
             confidence[k] += math.exp(c.mean_logprob)
         if first[k] < 0:
             first[k] = i
-    voted = tuple(c if c.votes == (v := count[k] if k is not None else 0) else c.with_votes(v)
-                  for c, k in zip(candidates, classes))
+    start = len(candidates) - fresh
+    voted = tuple(c if c.votes == (v := count[k] if k is not None else 0)
+                  else _set_votes(c, v) if i >= start else c.with_votes(v)
+                  for i, (c, k) in enumerate(zip(candidates, classes)))
     groups = tuple(None if k is None else candidates[first[k]].answer for k in classes)
     order = sorted(range(n_classes), key=lambda k: (-weight[k], first[k]))
     distribution = {candidates[first[k]].answer or "": weight[k] for k in order}
@@ -81,3 +87,12 @@ def score_tally(candidates: Sequence[Candidate], equivalence: Equivalence, *,
             top[group] = max(top.get(group, 0.0), c.score)
     distribution = dict(sorted(top.items(), key=lambda kv: -kv[1]))
     return Tally(candidates[best].answer, best, distribution, t.candidates, t.groups), False
+
+
+_VOTES = Candidate.votes.__set__  # type: ignore[attr-defined,misc]  # the slot's own setter, past the frozen guard
+
+
+def _set_votes(candidate: Candidate, votes: int) -> Candidate:
+    """``candidate`` with its votes set in place: only for one nobody else has seen (``tally``'s ``fresh``)."""
+    _VOTES(candidate, votes)
+    return candidate
