@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from apportion.algorithms.base import SamplingOptions
 from apportion.algorithms.beam_search import BeamSearch, BeamSearchOptions
 from apportion.algorithms.best_of_n import BestOfN, BestOfNOptions
+from apportion.algorithms.particle_filtering import ParticleFiltering, ParticleFilteringOptions
 from apportion.algorithms.planning import (
     Planning,
     PlanningOptions,
@@ -277,6 +278,67 @@ def test_pooled_choice_follows_the_base_rule():
     answer, index, distribution, voted = pooled_choice(SelfConsistency(), plain, eq)
     assert (answer, index, distribution) == ("2", 1, {"2": 2.0, "1": 1.0}) and [c.votes for c in voted] == [1, 2, 2]
     assert pooled_choice(SelfConsistency(), [], eq)[0] is None
+
+
+def test_pooled_choice_of_a_particle_filter_is_its_weighted_vote_or_its_best_weight():
+    # three particles answer 5 (score 0.6, odds 1.5 each), one answers 9 (0.7, odds 7/3)
+    def cand(answer, score):
+        return Candidate(f"The answer is {answer}.", answer, answer, "answer_is", "stop", 5, None, score=score,
+                         steps=(f"The answer is {answer}.",), step_scores=(score,))
+
+    pooled = [cand("5", 0.6), cand("5", 0.6), cand("5", 0.6), cand("9", 0.7)]
+    vote = ParticleFiltering(ParticleFilteringOptions(answer="weighted-vote"))
+    answer, index, distribution, voted = pooled_choice(vote, pooled, Equivalence())
+    assert (answer, index) == ("5", 0)
+    assert distribution == pytest.approx({"5": 4.5 / (4.5 + 7 / 3), "9": (7 / 3) / (4.5 + 7 / 3)})
+    assert [c.score for c in voted] == [0.6, 0.6, 0.6, 0.7] and [c.votes for c in voted] == [3, 3, 3, 1]
+    assert pooled_choice(ParticleFiltering(), pooled, Equivalence())[:2] == ("9", 3)  # "best": the highest weight
+
+
+@pytest.mark.parametrize("how", ["cancelled", "a bug"])
+def test_a_plan_cut_short_gives_its_held_generation_back(how):
+    def reply(prompt, params, call, i):
+        if how == "a bug":
+            raise RuntimeError("a bug in the backend")
+        return PLAN
+
+    async def go():
+        ledger = Ledger(Budget(generations=8))
+        lm = ScriptedBackend(reply, latency_s=5.0 if how == "cancelled" else 0.0)
+        task = asyncio.ensure_future(Planning(SelfConsistency()).run(lm, QUESTION, ledger, seed=1))
+        while not lm.calls and not task.done():
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises((asyncio.CancelledError, RuntimeError)):
+            await task
+        return ledger, lm
+
+    ledger, lm = asyncio.run(go())
+    assert len(lm.calls) == 1 and is_plan(lm.calls[0].prompt)
+    assert ledger.remaining().generations == 8 and ledger.spend().generations == 0
+
+
+def test_closing_the_stream_early_stops_every_approach_at_once():
+    tree = tree_backend()
+
+    def reply(prompt, params, call, i):
+        return "1. Multiply.\n2. Write it out." if is_plan(prompt) else tree._reply(prompt, params, call, i)
+
+    async def go():
+        ledger = Ledger(Budget(generations=9))
+        lm = ScriptedBackend(reply, latency_s=0.02)
+        stream = Planning(BeamSearch(BeamSearchOptions(beam_width=2), process_scorer=TableScorer())).stream(
+            lm, QUESTION, ledger, seed=1)
+        first = await anext(stream)
+        await stream.aclose()
+        made = len(lm.calls)
+        await asyncio.sleep(0.3)  # several search steps' time
+        return first, made, lm, ledger
+
+    first, made, lm, ledger = asyncio.run(go())
+    assert not first.final
+    assert len(lm.calls) == made  # no approach asks for anything once the stream is closed
+    assert ledger.remaining().generations == 9 - ledger.spend().generations  # no hold left behind
 
 
 # -- the budget -------------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ from typing import Any, Self
 from apportion.algorithms.base import Algorithm, RunContext, SamplingOptions
 from apportion.algorithms.steps import (
     ROOT,
+    Choice,
     Path,
     SearchOptions,
     StepOptions,
@@ -321,21 +322,30 @@ class ParticleFiltering(Algorithm):
         opts = self.options
         return weigh([p.score(opts.aggregation) for p in paths], opts.weighting, opts.temperature)
 
+    def choice(self, candidates: Sequence[Candidate], complete: Sequence[bool], equivalence: Equivalence) -> Choice:
+        """The answer of these candidates by ``answer`` (``steps.choose``'s arguments): "best" is
+        ``choose``'s best score; "weighted-vote" weighs the candidates' scores as particles are
+        weighed and sums the weights per answer. Planning pools several runs' candidates through
+        this, so that the pool is chosen by the same rule as one run's."""
+        if self.options.answer == "best":
+            return choose(candidates, complete, equivalence, vote=False)
+        weights = weigh([c.score for c in candidates], self.options.weighting, self.options.temperature)
+        # choose's weighted vote sums scores: handing it the weights as scores makes it sum
+        # those, and the candidates are given back with their own scores (and the votes it counted)
+        weighted = [replace(c, score=w) for c, w in zip(candidates, weights)]
+        made = choose(weighted, complete, equivalence, vote=True)
+        return replace(made, candidates=tuple(c.with_votes(v.votes) for c, v in zip(candidates, made.candidates)))
+
     def _result(self, ctx: RunContext, search: StepSearch, prior: Sequence[Candidate], *, final: bool) -> Result:
         if self.options.answer == "best":
             return search_result(ctx, search, prior, False, final=final)
         candidates = [*prior, *(search.candidate(p) for p in search.finished)]
         complete = [True] * len(prior) + [p.by_model for p in search.finished]
-        weights = weigh([c.score for c in candidates], self.options.weighting, self.options.temperature)
-        # choose's weighted vote sums scores: handing it the weights as scores makes it sum
-        # those, and the candidates are given back with their own scores (and the votes it counted)
-        weighted = [replace(c, score=w) for c, w in zip(candidates, weights)]
-        choice = choose(weighted, complete, ctx.equivalence, vote=True)
+        choice = self.choice(candidates, complete, ctx.equivalence)
         if final and choice.note and choice.note not in ctx.notes:
             ctx.notes.append(choice.note)
-        voted = [c.with_votes(v.votes) for c, v in zip(candidates, choice.candidates)]
-        response = voted[choice.index].text if choice.index is not None else None
-        return ctx.result(answer=choice.answer, response=response, candidates=voted,
+        response = choice.candidates[choice.index].text if choice.index is not None else None
+        return ctx.result(answer=choice.answer, response=response, candidates=choice.candidates,
                           distribution=choice.distribution, final=final, search=search.stats(choice.index))
 
 

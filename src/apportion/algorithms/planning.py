@@ -39,14 +39,16 @@ Budget meaning of ``--budget N``:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 from apportion.algorithms.base import Algorithm, RunContext
+from apportion.algorithms.particle_filtering import ParticleFiltering
 from apportion.algorithms.steps import choose, split
 from apportion.algorithms.stopping import StopRule
 from apportion.algorithms.voting import score_tally, tally
@@ -230,10 +232,13 @@ class Planning(Algorithm):
         if len(ledgers) < len(prompts):
             ctx.notes.append(f"the budget left after the plan pays for {len(ledgers)} of {len(prompts)} approaches")
         latest: list[Result | None] = [None] * len(ledgers)
-        async for i, result in _merged([self.base.stream(lm, p, led, seed=_seed(seed, i))
-                                        for i, (p, led) in enumerate(zip(prompts, ledgers))]):
-            latest[i] = result
-            yield self._pooled(ctx, prior, latest, final=False)
+        # closed with this stream: a consumer that stops early stops the approaches then, not
+        # whenever the event loop finalizes the merge (they would spend on meanwhile)
+        async with contextlib.aclosing(_merged([self.base.stream(lm, p, led, seed=_seed(seed, i))
+                                                for i, (p, led) in enumerate(zip(prompts, ledgers))])) as merged:
+            async for i, result in merged:
+                latest[i] = result
+                yield self._pooled(ctx, prior, latest, final=False)
         self._wrap_up(ctx, ledgers, latest)
         yield self._pooled(ctx, prior, latest, final=True)
 
@@ -257,6 +262,11 @@ class Planning(Algorithm):
             ctx.ledger.release_hold(held)
             ctx.notes.append(f"no plan ({exc}): the base algorithm ran without a plan")
             return []
+        except BaseException:
+            # cancelled, or a bug: no plan was written, and the hold would stay taken on a ledger
+            # that may outlive this run (a batch's)
+            ctx.ledger.release_hold(held)
+            raise
         ctx.ledger.settle_hold(held, Spend(generations=1))
         approaches = parse_plan(completion.samples[0].text if completion.samples else "", opts.approaches)
         if not approaches:
@@ -304,7 +314,10 @@ def pooled_choice(base: Algorithm, candidates: Sequence[Candidate],
     summed = bool(getattr(options, "weighted", False) or getattr(options, "vote", False))
     if any(c.steps is not None for c in candidates):
         complete = [c.steps is None or c.finish_reason == "stop" for c in candidates]
-        made = choose(candidates, complete, equivalence, vote=summed)
+        if isinstance(base, ParticleFiltering):  # its weighted vote sums weights, not scores
+            made = base.choice(candidates, complete, equivalence)
+        else:
+            made = choose(candidates, complete, equivalence, vote=summed)
         return made.answer, made.index, made.distribution, made.candidates
     if any(c.score is not None and c.answer is not None for c in candidates):
         t, _ = score_tally(candidates, equivalence, weighted=summed)
@@ -318,7 +331,7 @@ def _seed(seed: int | None, approach: int) -> int | None:
     return None if seed is None else seed + _SEED_STRIDE * approach
 
 
-async def _merged(streams: Sequence[AsyncIterator[Result]]) -> AsyncIterator[tuple[int, Result]]:
+async def _merged(streams: Sequence[AsyncIterator[Result]]) -> AsyncGenerator[tuple[int, Result], None]:
     """(i, result) as each of ``streams`` yields, all of them run at once; the first error of any
     is raised (the others cancelled)."""
     queue: asyncio.Queue[tuple[int, Result | BaseException | None]] = asyncio.Queue()
