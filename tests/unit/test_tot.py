@@ -185,6 +185,28 @@ def test_self_evaluation_by_the_policy_model_with_the_value_prompt():
     assert sorted(c.prompt.assistant_prefix for c in level1) == ["Multiply 6 by 7." + D, "Write 6 * 7." + D]
 
 
+def test_self_evaluation_samples_are_seeded_from_the_run_s_seed():
+    def reply(prompt, params, call, i):
+        if prompt.messages[0].content == DEFAULT_VALUE_SYSTEM:
+            return "likely"
+        return next_thought(TREE, prompt, i)
+
+    def value_seeds(seed):
+        lm = ScriptedBackend(reply)
+        asyncio.run(TreeOfThoughts(tot(breadth=2, thoughts=2)).run(lm, QUESTION, Budget(generations=6), seed=seed))
+        return [(c.prompt.messages[-1].content, c.params.seed) for c in lm.calls
+                if c.prompt.messages[0].content == DEFAULT_VALUE_SYSTEM]
+
+    first = value_seeds(1)
+    seeds = [s for _, s in first]
+    assert seeds and None not in seeds and len(set(seeds)) == len(seeds)  # every state its own draws
+    assert value_seeds(1) == first  # a seeded run is reproducible, its valuation too
+    assert set(seeds).isdisjoint(s for _, s in value_seeds(2))
+    unseeded = ScriptedBackend(reply)
+    asyncio.run(TreeOfThoughts(tot(breadth=2, thoughts=2)).run(unseeded, QUESTION, Budget(generations=6)))
+    assert all(c.params.seed is None for c in unseeded.calls)
+
+
 def test_read_value_weighs_the_words_as_the_paper():
     def samples(*texts):
         return [Sample(t, "stop", 1) for t in texts]

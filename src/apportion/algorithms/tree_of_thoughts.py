@@ -18,8 +18,9 @@ Self-evaluation. Unless a process scorer is given, states are valued by the poli
 with ToT's value prompt (``ThoughtValueScorer``): given the problem and the partial solution, it
 answers sure, likely or impossible, ``samples`` times (one request of n=samples per new state,
 all of a level's concurrently); the value is the mean of the paper's weights (20, 1, 0.001)
-divided by 20, so in [0, 1]. Any ``ProcessScorer`` may be given instead (``process_scorer=``):
-the step judge (``JudgeProcessScorer``), the Game of 24 verifier, a PRM.
+divided by 20, so in [0, 1]. A seeded run seeds each state's value request from its seed. Any
+``ProcessScorer`` may be given instead (``process_scorer=``): the step judge
+(``JudgeProcessScorer``), the Game of 24 verifier, a PRM.
 
 Budget meaning: ``--budget N`` (generations) is the most states that finish, each one
 generation, and the most alive at once (``algorithms/steps.py``: every state holds its generation
@@ -39,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -118,15 +120,18 @@ class ThoughtValueScorer:
 
     One request of n=samples per new state, all of a call's concurrently, through
     ``lm.scorer(backend)`` (default: the policy model): charged as scoring in tokens, dollars and
-    time. States valued before come from the cache; an unreadable value is a definite None."""
+    time. States valued before come from the cache; an unreadable value is a definite None.
+    With ``seed``, each state's request is seeded from it and the state's prompt (its replies are
+    sampled, not greedy: without a seed a seeded run would not be reproducible)."""
 
     name = "tot-value"
 
     def __init__(self, backend: Backend | None = None, options: ThoughtValueOptions | None = None,
-                 cache: PrefixScoreCache | None = None) -> None:
+                 cache: PrefixScoreCache | None = None, *, seed: int | None = None) -> None:
         self.backend = backend
         self.options = options or ThoughtValueOptions()
         self.cache = cache if cache is not None else PrefixScoreCache()
+        self.seed = seed
 
     async def score(self, lm: MeteredLM, question: str,
                     paths: Sequence[Sequence[str]]) -> list[list[float | None]]:
@@ -154,8 +159,12 @@ class ThoughtValueScorer:
 
     async def _value(self, judge: MeteredLM, question: str, steps: Steps) -> float | None:
         o = self.options
-        params = SamplingParams(n=o.samples, max_tokens=o.max_tokens, temperature=o.temperature, logprobs=False)
-        completion = await judge.generate(self.prompt(question, steps), params, min_tokens=1)
+        prompt = self.prompt(question, steps)
+        # one seed per state, so that states valued at once draw independently of each other
+        seed = None if self.seed is None else self.seed + zlib.crc32(prompt.messages[-1].content.encode())
+        params = SamplingParams(n=o.samples, max_tokens=o.max_tokens, temperature=o.temperature, logprobs=False,
+                                seed=seed)
+        completion = await judge.generate(prompt, params, min_tokens=1)
         return read_value(completion.samples)
 
 
@@ -224,8 +233,8 @@ class TreeOfThoughts(Algorithm):
                      seed: int | None = None, prior: Sequence[Candidate] = ()) -> AsyncIterator[Result]:
         opts = self.options
         # The default valuer is made per run: its cache is keyed by the question only, and another
-        # run may bring another model.
-        scorer = self.process_scorer or ThoughtValueScorer(options=opts.value)
+        # run may bring another model (and another seed).
+        scorer = self.process_scorer or ThoughtValueScorer(options=opts.value, seed=seed)
         width = opts.width if opts.width is not None else opts.most_paths
         ctx, search = await start_search(self, lm, prompt, budget, seed, opts.sampling, opts.steps, scorer,
                                          opts.aggregation, width)
