@@ -22,6 +22,7 @@ from apportion.algorithms.prompting import PromptMode, apply_prompt_mode
 from apportion.algorithms.stopping import Seen, StopRule
 from apportion.answers.equivalence import Equivalence
 from apportion.answers.extract import placeholder_in, read_answer_for
+from apportion.answers.freeform import ANSWER_MODES, AnswerMode, FreeFormAnswers, TextEquivalence, check_answer_mode
 from apportion.budget.ledger import CallRecord, Ledger
 from apportion.budget.units import Budget
 from apportion.errors import BackendError, BudgetError, BudgetExhausted, ConfigError, RunFailed
@@ -61,6 +62,10 @@ class SamplingOptions:
     prompt_mode: PromptMode | None = None
     """Reword the question to spend fewer tokens per answer: ``Tale`` or ``ChainOfDraft``
     (``algorithms/prompting.py``); None is the plain prompt."""
+    answers: AnswerMode = "math"
+    """How a reply becomes the answer the vote counts: "math" extracts a final answer; "text" takes
+    the whole reply, normalised; "judge" also asks the model which replies say the same thing
+    (``answers/freeform.py``). Free-form modes drop the default system prompt, a math instruction."""
 
     def __post_init__(self) -> None:
         SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -69,6 +74,8 @@ class SamplingOptions:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.min_tokens < 1:
             raise ConfigError(f"min_tokens must be >= 1, got {self.min_tokens}")
+        if self.answers not in ANSWER_MODES:
+            raise ConfigError(f"answers must be one of {', '.join(ANSWER_MODES)}, got {self.answers!r}")
 
 
 @dataclass(slots=True)
@@ -90,6 +97,8 @@ class RunContext:
     """The stopping rule that ended the run before its budget did, if one did."""
     placeholder: str | None = None
     """The answer placeholder of the system prompt ("N" in "The answer is N"): copied, it is no answer."""
+    free_form: FreeFormAnswers | None = None
+    """How answers are read and clustered in the "text" and "judge" modes; None: math answers."""
 
     @property
     def ledger(self) -> Ledger:
@@ -111,6 +120,8 @@ class RunContext:
     def candidates(self, samples: Sequence[Sample]) -> list[Candidate]:
         """A candidate per sample, its answer read (a sample cut mid-thought has none: whatever it
         said so far is no answer)."""
+        if self.free_form is not None:
+            return self.free_form.candidates(samples, self.lm.backend.model)
         model, placeholder, make = self.lm.backend.model, self.placeholder, Candidate.from_sample
         return [make(s, None, None, None, model) if s.finish_reason == "cut"
                 else make(s, *read_answer_for(s.text, placeholder), model) for s in samples]
@@ -193,6 +204,9 @@ class Algorithm(ABC):
             raise BudgetError(f"budget must be a Budget or a Ledger, got {type(budget).__name__}")
         # A parent ledger may bind what this one's budget does not.
         check_budget_can_bind(ledger.budget, lm, self if ledger.parent is None else None)
+        mode = check_answer_mode(self)
+        if mode != "math" and system_prompt == DEFAULT_SYSTEM_PROMPT:
+            system_prompt = None  # "End with 'The answer is N'" is for math, not chat
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ConfigError("the prompt is empty")
@@ -204,8 +218,12 @@ class Algorithm(ABC):
         else:
             raise ConfigError(f"prompt must be a string or a Prompt, got {type(prompt).__name__}")
         system = next((m.content for m in prompt_obj.messages if m.role == "system"), None)
-        return RunContext(MeteredLM(lm, ledger), prompt_obj, question, ledger.budget, seed,
-                          self.equivalence, self.name, self.options_dict(), placeholder=placeholder_in(system))
+        ctx = RunContext(MeteredLM(lm, ledger), prompt_obj, question, ledger.budget, seed,
+                         self.equivalence, self.name, self.options_dict(), placeholder=placeholder_in(system))
+        if mode != "math":
+            ctx.equivalence = TextEquivalence()
+            ctx.free_form = FreeFormAnswers(mode, ctx.lm, question, ctx.notes)
+        return ctx
 
 
 _ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes})
@@ -327,7 +345,10 @@ async def sample_batches(ctx: RunContext, opts: SamplingOptions, stopping: StopR
             cut_note = cut_afterwards_note(ctx.lm.backend.name)
             if cut_note in completion.notes and cut_note not in ctx.notes:
                 ctx.notes.append(cut_note)
-        yield ctx.candidates(completion.samples)
+        batch = ctx.candidates(completion.samples)
+        if ctx.free_form is not None and ctx.free_form.judged:  # the same-answer judge, before anyone votes
+            batch = await ctx.free_form.cluster(batch, seen() if seen is not None else ())
+        yield batch
         if completion.error is not None:
             ctx.fail(completion.error)
             return

@@ -23,6 +23,7 @@ from apportion.algorithms.prompting import PROMPT_MODES, parse_prompt_mode
 from apportion.algorithms.registry import ALGORITHMS, make_algorithm, needs_process_scorer
 from apportion.algorithms.settings import parse_settings
 from apportion.algorithms.stopping import STOP_RULES, parse_stop
+from apportion.answers.freeform import ANSWER_MODES, check_answer_mode, parse_answer_mode
 from apportion.batch import Item, answer_many, read_items
 from apportion.budget.units import Budget
 from apportion.cli._app import (
@@ -103,6 +104,10 @@ def run(
         "--prompt-mode", help=f"How the question is worded ({', '.join(PROMPT_MODES)}): "
                               "'tale[:estimator=model,budget=N,...]' states a token budget, "
                               "'cod[:words=N]' asks for short drafts.")] = "plain",
+    answers: Annotated[str, typer.Option(
+        "--answers", help=f"How replies are compared in the vote ({', '.join(ANSWER_MODES)}): 'math' reads a "
+                          "final answer; 'text' compares whole replies, normalised (chat questions); 'judge' "
+                          "also asks the model which replies say the same thing, charged as scoring.")] = "math",
     min_thinking_tokens: Annotated[int | None, typer.Option(
         help="budget-forcing: thinking shorter than this is continued with 'Wait' (default 0).")] = None,
     max_thinking_tokens: Annotated[int | None, typer.Option(
@@ -152,6 +157,10 @@ def run(
         if setting and (total_budget is not None or algorithm.lower() == "cascade"):
             raise ConfigError("--set reaches one algorithm's settings; --total-budget and cascades choose "
                               "their algorithms themselves")
+        answer_mode = parse_answer_mode(answers)
+        if answer_mode != "math" and (total_budget is not None or algorithm.lower() == "cascade"):
+            raise ConfigError("--answers text|judge goes with one algorithm; --total-budget and cascades "
+                              "read math answers to decide where the budget goes")
         cascade = _cascade(algorithm, models, cascade_samples, threshold, confidence, stop,
                            {"--base-url": base_url, "--model": model, "--model-path": model_path, "--price": price,
                             "--price-file": price_file})
@@ -202,7 +211,7 @@ def run(
             raise ConfigError("the prompt is not valid UTF-8")
         chosen_scorer = make_scorer(scorer)
         stopping = parse_stop(stop) if stop is not None else None
-        sampling = replace(sampling, prompt_mode=parse_prompt_mode(prompt_mode))
+        sampling = replace(sampling, prompt_mode=parse_prompt_mode(prompt_mode), answers=answer_mode)
         forcing = _forcing_options(min_thinking_tokens, max_thinking_tokens, end_marker, answer_cue)
         programs = _program_options(program_time_limit, program_memory_mb)
         search = _search_options(beam_width, aggregation, max_steps)
@@ -215,6 +224,7 @@ def run(
                                     search=search, settings=settings)  # validates before any work
             if needs_process_scorer(chosen) and chosen_process is None:
                 raise ConfigError(f"{chosen.name} needs --process-scorer, what rates each step")
+            check_answer_mode(chosen)
             backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
             check_budget_can_bind(parsed_budget, backend, chosen)
         else:
