@@ -107,7 +107,8 @@ async def test_no_key_a_wrong_key_and_a_revoked_key_are_refused_at_once(db):
 
 async def test_key_names_are_unique_and_checked(db):
     store = await opened(db)
-    await store.create_key(KeySpec("carol"))
+    carol, _ = await store.create_key(KeySpec("carol"))
+    assert await store.find_key("carol") == carol == await store.find_key(carol.key_id)
     with pytest.raises(ConfigError, match="a key named 'carol' exists"):
         await store.create_key(KeySpec("carol", tokens=5))
     for bad in ("", "has space", "key_looks_like_an_id", "x" * 65, "-dash"):
