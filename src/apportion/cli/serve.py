@@ -1,4 +1,5 @@
-"""Serving over the OpenAI protocol: ``apportion replay-serve``."""
+"""Serving over the OpenAI protocol: ``apportion serve`` (every algorithm, per request) and
+``apportion replay-serve`` (a sample bank)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,104 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from apportion.cli._app import EXIT_USAGE, app, fail
+from apportion.budget.units import Budget
+from apportion.cli._app import (
+    EXIT_USAGE,
+    PROCESS_SCORERS,
+    ApiKeyOpt,
+    BaseUrlOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    ModelPathOpt,
+    PriceFileOpt,
+    PriceOpt,
+    ScorerOpt,
+    SystemPromptOpt,
+    TemperatureOpt,
+    TimeoutOpt,
+    TopPOpt,
+    app,
+    checked_preflight,
+    fail,
+    make_backend,
+    make_process_scorer,
+    sampling_options,
+)
 from apportion.errors import ApportionError
+
+HostOpt = Annotated[str, typer.Option(help="Address to listen on.")]
+PortOpt = Annotated[int, typer.Option(help="Port to listen on.")]
+
+
+@app.command("serve")
+def serve_algorithms(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    base_url: BaseUrlOpt = None,
+    model: ModelOpt = None,
+    api_key: ApiKeyOpt = None,
+    model_path: ModelPathOpt = None,
+    price: PriceOpt = None,
+    price_file: PriceFileOpt = None,
+    timeout: TimeoutOpt = None,
+    default_budget: Annotated[str, typer.Option(
+        "--default-budget", help="The budget of a request that names an algorithm but no budget: generations "
+                                 "('8') or unit=value pairs, as --budget of `apportion run`.")] = "8",
+    max_budget: Annotated[str, typer.Option(
+        "--max-budget", help="The most one request may ask for; a unit a request leaves unlimited takes "
+                             "this limit, a unit over it is refused with a 400 ('none': no limit).")]
+    = "gen=64,tokens=1000000",
+    max_request_tokens: Annotated[int, typer.Option(
+        "--max-request-tokens", help="With API keys: the tokens reserved of a key's quota for a request whose "
+                                     "budget sets none.")] = 100_000,
+    max_body_bytes: Annotated[int, typer.Option(
+        "--max-body-bytes", help="Larger request bodies are refused with a 413.")] = 1 << 20,
+    max_tokens: MaxTokensOpt = 512,
+    temperature: TemperatureOpt = 0.8,
+    top_p: TopPOpt = 0.95,
+    system_prompt: SystemPromptOpt = None,
+    scorer: ScorerOpt = "self-certainty",
+    process_scorer: Annotated[str | None, typer.Option(
+        "--process-scorer", help="The step-wise searches' process scorer where a request names none: 'judge', "
+                                 "'game24', or a process reward model served by vLLM, "
+                                 "'prm:base_url=URL,model=NAME[,key=value...]' (requests may then name it 'prm'). "
+                                 "Requests may always name 'judge' and 'game24'.")] = None,
+) -> None:
+    """Serve every algorithm over the OpenAI protocol: each request runs one under a budget (docs/serve.md).
+
+    Max tokens, temperature, top-p and the system prompt are the defaults for what a request leaves unset."""
+    from apportion.serve import serve
+    from apportion.serve.algorithm_app import ServeOptions, algorithm_app
+
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        offered = dict(PROCESS_SCORERS)
+        default_process = None
+        if process_scorer is not None:
+            make_process_scorer(process_scorer)  # a malformed spec is refused now, not per request
+            default_process = process_scorer if process_scorer in offered else "prm"
+            if default_process == "prm":
+                offered["prm"] = lambda: make_process_scorer(process_scorer)
+        options = ServeOptions(
+            default_budget=Budget.parse(default_budget),
+            max_budget=None if max_budget.strip().lower() in ("none", "") else Budget.parse(max_budget),
+            max_request_tokens=max_request_tokens, max_body_bytes=max_body_bytes,
+            sampling=sampling_options(max_tokens, temperature, top_p, system_prompt),
+            scorer=scorer, process_scorer=default_process)
+        backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
+        served = algorithm_app(backend, options, process_scorers=offered)
+    except ApportionError as exc:
+        fail(console, exc, EXIT_USAGE)
+    checked_preflight(backend, console)
+    console.print(f"serving {backend.model} with every algorithm on http://{host}:{port}/v1")
+    serve(served, host=host, port=port, log_level="warning")
 
 
 @app.command("replay-serve")
 def replay_serve(
     bank: Annotated[Path, typer.Argument(help="A sample bank (bank.jsonl of a run, or the shared math_cot file).")],
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
     seed: Annotated[int, typer.Option(help="Seed of the order each question's samples are served in.")] = 0,
     model: Annotated[str | None, typer.Option(help="Model name to serve (default: the bank's).")] = None,
 ) -> None:
@@ -30,3 +120,5 @@ def replay_serve(
         fail(console, exc, EXIT_USAGE)
     console.print(f"serving {bank} on http://{host}:{port}/v1")
     serve(served, host=host, port=port, log_level="warning")
+
+

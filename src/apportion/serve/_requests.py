@@ -58,13 +58,16 @@ class RequestError(Exception):
     """A request the server refuses; rendered as OpenAI's error object."""
 
     def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None) -> None:
+                 code: str | None = None, param: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.type = type
         self.code = code
         self.param = param
+        self.headers = dict(headers or {})
+        """Sent with the error (WWW-Authenticate on a 401, Retry-After on a 429)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +76,20 @@ class ParsedRequest:
     params: SamplingParams
     model: str | None
     logprobs: bool
+    stream: bool = False
+    include_usage: bool = False
+    """``stream_options.include_usage``: a last chunk carries the usage (streams only)."""
+    given: frozenset[str] = frozenset()
+    """The body's fields that were set (not null): what the request chose rather than left to defaults."""
 
 
-def parse_chat(body: Mapping[str, Any], caps: Capabilities) -> ParsedRequest:
+def parse_chat(body: Mapping[str, Any], caps: Capabilities, *, extra_keys: frozenset[str] = frozenset(),
+               streaming: bool = False) -> ParsedRequest:
+    """``extra_keys`` are fields the caller reads itself (accepted here, not read); ``streaming``
+    accepts ``stream: true`` (refused otherwise)."""
     body = _present(body)
-    _check_keys(body, CHAT_KEYS)
-    _check_no_stream(body)
+    _check_keys(body, CHAT_KEYS | extra_keys)
+    stream, include_usage = _stream(body, streaming)
     messages = _messages(body.get("messages"))
     prompt = _chat_prompt(messages, body)
     if prompt.assistant_prefix and not caps.continuation:
@@ -92,13 +103,15 @@ def parse_chat(body: Mapping[str, Any], caps: Capabilities) -> ParsedRequest:
     if "top_logprobs" in body and not logprobs:
         raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
     params = _params(body, max_tokens, logprobs)
-    return ParsedRequest(prompt, params, _model(body), logprobs)
+    return ParsedRequest(prompt, params, _model(body), logprobs, stream, include_usage, frozenset(body))
 
 
-def parse_completion(body: Mapping[str, Any], caps: Capabilities) -> ParsedRequest:
+def parse_completion(body: Mapping[str, Any], caps: Capabilities, *, extra_keys: frozenset[str] = frozenset(),
+                     streaming: bool = False) -> ParsedRequest:
+    """As ``parse_chat``, for a raw prompt."""
     body = _present(body)
-    _check_keys(body, COMPLETION_KEYS)
-    _check_no_stream(body)
+    _check_keys(body, COMPLETION_KEYS | extra_keys)
+    stream, include_usage = _stream(body, streaming)
     if not caps.raw_prompt:
         raise RequestError("this backend only takes chat messages: use /v1/chat/completions", param="prompt")
     text = _prompt_text(body.get("prompt"))
@@ -111,7 +124,7 @@ def parse_completion(body: Mapping[str, Any], caps: Capabilities) -> ParsedReque
     if "best_of" in body and body["best_of"] != params.n:
         raise RequestError("best_of (server-side selection) is not supported; it may only equal n",
                            param="best_of")
-    return ParsedRequest(Prompt.raw(text), params, _model(body), logprobs)
+    return ParsedRequest(Prompt.raw(text), params, _model(body), logprobs, stream, include_usage, frozenset(body))
 
 
 def _present(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -136,10 +149,18 @@ def _neutral(key: str, value: Any) -> bool:
         return False
 
 
-def _check_no_stream(body: Mapping[str, Any]) -> None:
-    if _bool(body, "stream", False):
+def _stream(body: Mapping[str, Any], streaming: bool) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage); stream: true refused where the caller cannot stream."""
+    stream = _bool(body, "stream", False)
+    if not stream:
+        return False, False
+    if not streaming:
         raise RequestError("stream: true is not supported; send stream: false", param="stream",
                            code="unsupported_parameter")
+    options = body.get("stream_options", {})
+    if not isinstance(options, dict):
+        raise RequestError("stream_options must be an object", param="stream_options")
+    return True, _bool(_present(options), "include_usage", False)
 
 
 def _messages(raw: Any) -> list[Message]:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -55,10 +56,12 @@ from apportion.errors import (
     BackendError,
     BackendUnavailable,
     BankExhausted,
+    BudgetError,
+    BudgetExhausted,
     ConfigError,
     ModelNotFound,
 )
-from apportion.lm.base import Backend, Completion, Sample
+from apportion.lm.base import Backend, Completion
 from apportion.serve._requests import ParsedRequest, RequestError, parse_chat, parse_completion
 
 # Why 410 Gone and not 429 or 409: exhaustion is permanent for this server's lifetime, so a client
@@ -66,7 +69,7 @@ from apportion.serve._requests import ParsedRequest, RequestError, parse_chat, p
 # _RETRY_STATUS), which would spend several seconds of backoff and then report "HTTP 429" with the
 # explanation lost. 410 means exactly "was here, is gone for good", and every client surfaces it.
 _EXHAUSTED_STATUS = 410
-_OPENAI_FINISH = {"stop": "stop", "length": "length", "deadline": "length"}
+OPENAI_FINISH = {"stop": "stop", "length": "length", "deadline": "length"}
 
 
 def openai_app(backend: Backend, *, model_name: str | None = None) -> Starlette:
@@ -74,23 +77,23 @@ def openai_app(backend: Backend, *, model_name: str | None = None) -> Starlette:
     served = model_name or backend.model
 
     async def models(request: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [_model_card(served)]})
+        return JSONResponse({"object": "list", "data": [model_card(served)]})
 
     async def model(request: Request) -> JSONResponse:
         name = request.path_params["model"]
         if name != served:
-            raise _unknown_model(name, served)
-        return JSONResponse(_model_card(served))
+            raise unknown_model(name, served)
+        return JSONResponse(model_card(served))
 
     async def chat(request: Request) -> JSONResponse:
         parsed = parse_chat(await _json_body(request), backend.capabilities)
         completion = await _generate(backend, parsed, served)
-        return _reply(completion, _chat_body(completion, parsed, served))
+        return _reply(completion, chat_body(completion, parsed, served))
 
     async def completions(request: Request) -> JSONResponse:
         parsed = parse_completion(await _json_body(request), backend.capabilities)
         completion = await _generate(backend, parsed, served)
-        return _reply(completion, _completion_body(completion, parsed, served))
+        return _reply(completion, completion_body(completion, parsed, served))
 
     routes = [
         Route("/v1/models", models, methods=["GET"]),
@@ -98,24 +101,24 @@ def openai_app(backend: Backend, *, model_name: str | None = None) -> Starlette:
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]
-    handlers: dict[Any, Any] = {
-        RequestError: _request_error,
-        ApportionError: _apportion_error,
-        HTTPException: _http_error,
-        Exception: _unexpected_error,
-    }
-    return Starlette(routes=routes, exception_handlers=handlers)
+    return Starlette(routes=routes, exception_handlers=exception_handlers())
 
 
 # -- requests ------------------------------------------------------------------------------------
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    return decode_json(await request.body())
+
+
+def decode_json(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400 saying why not."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError("the request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     return body
@@ -123,11 +126,11 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 async def _generate(backend: Backend, parsed: ParsedRequest, served: str) -> Completion:
     if parsed.model is not None and parsed.model != served:
-        raise _unknown_model(parsed.model, served)
+        raise unknown_model(parsed.model, served)
     return await backend.generate(parsed.prompt, parsed.params)
 
 
-def _unknown_model(name: str, served: str) -> RequestError:
+def unknown_model(name: str, served: str) -> RequestError:
     return RequestError(f"the model {name!r} does not exist; this server serves {served!r}", status=404,
                         code="model_not_found", param="model")
 
@@ -135,7 +138,7 @@ def _unknown_model(name: str, served: str) -> RequestError:
 # -- responses -----------------------------------------------------------------------------------
 
 
-def _model_card(name: str) -> dict[str, Any]:
+def model_card(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "apportion"}
 
 
@@ -165,76 +168,86 @@ def _envelope(kind: str, prefix: str, completion: Completion, served: str,
     }
 
 
-def _chat_body(completion: Completion, parsed: ParsedRequest, served: str) -> dict[str, Any]:
+def chat_body(completion: Completion, parsed: ParsedRequest, served: str) -> dict[str, Any]:
     choices = [{"index": i, "message": {"role": "assistant", "content": s.text},
-                "logprobs": _chat_logprobs(s) if parsed.logprobs else None,
-                "finish_reason": _OPENAI_FINISH.get(s.finish_reason, "stop")}
+                "logprobs": chat_logprobs(s.logprobs) if parsed.logprobs else None,
+                "finish_reason": OPENAI_FINISH.get(s.finish_reason, "stop")}
                for i, s in enumerate(completion.samples)]
     return _envelope("chat.completion", "chatcmpl", completion, served, choices)
 
 
-def _completion_body(completion: Completion, parsed: ParsedRequest, served: str) -> dict[str, Any]:
+def completion_body(completion: Completion, parsed: ParsedRequest, served: str) -> dict[str, Any]:
     choices = [{"index": i, "text": s.text,
-                "logprobs": _legacy_logprobs(s) if parsed.logprobs else None,
-                "finish_reason": _OPENAI_FINISH.get(s.finish_reason, "stop")}
+                "logprobs": legacy_logprobs(s.logprobs) if parsed.logprobs else None,
+                "finish_reason": OPENAI_FINISH.get(s.finish_reason, "stop")}
                for i, s in enumerate(completion.samples)]
     return _envelope("text_completion", "cmpl", completion, served, choices)
 
 
-def _chat_logprobs(sample: Sample) -> dict[str, Any] | None:
-    if sample.logprobs is None:
+def chat_logprobs(values: Sequence[float] | None) -> dict[str, Any] | None:
+    """A chat choice's logprobs of a sample's per-token values."""
+    if values is None:
         return None  # the backend has none: null, as OpenAI-compatible servers say "unavailable"
     # Token strings are unknown (backends keep only the values): "" stands in for each token.
-    return {"content": [{"token": "", "logprob": lp, "bytes": None, "top_logprobs": []}
-                        for lp in sample.logprobs]}
+    return {"content": [{"token": "", "logprob": lp, "bytes": None, "top_logprobs": []} for lp in values]}
 
 
-def _legacy_logprobs(sample: Sample) -> dict[str, Any] | None:
-    if sample.logprobs is None:
+def legacy_logprobs(values: Sequence[float] | None) -> dict[str, Any] | None:
+    """A completion choice's logprobs of a sample's per-token values."""
+    if values is None:
         return None
     # Placeholder tokens, as in chat; offsets and alternatives are unknown, hence null.
-    return {"tokens": [""] * len(sample.logprobs), "token_logprobs": list(sample.logprobs),
-            "top_logprobs": None, "text_offset": None}
+    return {"tokens": [""] * len(values), "token_logprobs": list(values), "top_logprobs": None, "text_offset": None}
 
 
 # -- errors --------------------------------------------------------------------------------------
 
 
-def _error(status: int, message: str, type: str, code: str | None = None,
-           param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
-                        status_code=status)
+def error_object(err: RequestError) -> dict[str, Any]:
+    """OpenAI's error body."""
+    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
 
 
-async def _request_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestError)
-    return _error(exc.status, exc.message, exc.type, exc.code, exc.param)
+def error_response(err: RequestError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_object(err), status_code=err.status, headers={**err.headers, **(headers or {})})
 
 
-async def _apportion_error(request: Request, exc: Exception) -> JSONResponse:
+def as_request_error(exc: Exception) -> RequestError:
+    """What a client is told of a failure: its status, message, type and code."""
+    if isinstance(exc, RequestError):
+        return exc
     # Most specific first: BankExhausted and ModelNotFound are BackendErrors.
     if isinstance(exc, BankExhausted):
-        return _error(_EXHAUSTED_STATUS, f"sample bank exhausted: {exc}; restart the server to replay again",
-                      "invalid_request_error", "bank_exhausted")
+        return RequestError(f"sample bank exhausted: {exc}; restart the server to replay again",
+                            status=_EXHAUSTED_STATUS, code="bank_exhausted")
     if isinstance(exc, ModelNotFound):
-        return _error(404, str(exc), "invalid_request_error", "not_found")
-    if isinstance(exc, ConfigError):
-        return _error(400, str(exc), "invalid_request_error")
+        return RequestError(str(exc), status=404, code="not_found")
+    if isinstance(exc, (ConfigError, BudgetError)):
+        return RequestError(str(exc))
+    if isinstance(exc, BudgetExhausted):
+        return RequestError(f"the budget cannot pay for a sample: {exc}", code="budget_too_small")
     if isinstance(exc, BackendUnavailable):
-        return _error(503, f"backend unavailable: {exc}", "server_error", "backend_unavailable")
+        return RequestError(f"backend unavailable: {exc}", status=503, type="server_error", code="backend_unavailable")
     if isinstance(exc, BackendError):
-        return _error(502, f"backend failed: {exc}", "server_error", "backend_error")
-    return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+        return RequestError(f"backend failed: {exc}", status=502, type="server_error", code="backend_error")
+    if isinstance(exc, ApportionError):
+        return RequestError(f"{type(exc).__name__}: {exc}", status=500, type="server_error")
+    return RequestError(f"internal error: {type(exc).__name__}: {exc}", status=500, type="server_error")
+
+
+def exception_handlers() -> dict[Any, Any]:
+    """Starlette's handlers that answer every failure in OpenAI's error format."""
+    return {RequestError: _handled, ApportionError: _handled, HTTPException: _http_error, Exception: _handled}
+
+
+async def _handled(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(as_request_error(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     message = f"{request.method} {request.url.path}: {exc.detail}"
-    response = _error(exc.status_code, message, kind, "not_found" if exc.status_code == 404 else None)
-    response.headers.update(exc.headers or {})  # Allow, on a 405
-    return response
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+    # Allow, on a 405
+    return error_response(RequestError(message, status=exc.status_code, type=kind,
+                                       code="not_found" if exc.status_code == 404 else None), exc.headers)
