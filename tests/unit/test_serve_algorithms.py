@@ -707,3 +707,57 @@ async def test_concurrent_requests_each_get_their_own_run():
     assert all(r.status_code == 200 for r in rs)
     assert len({r.json()["id"] for r in rs}) == 8
     assert sum(r.json()["apportion"]["spent"]["generations"] for r in rs) == 24
+
+
+async def test_a_store_that_cannot_answer_is_a_503_and_nothing_runs():
+    from apportion.serve.quota_contract import QuotaStoreFailed
+
+    class Down(FakeQuota):
+        def __init__(self, keys: dict[str, KeyInfo], at: str) -> None:
+            super().__init__(keys)
+            self.at = at
+
+        async def authenticate(self, secret: str) -> KeyInfo:
+            if self.at == "authenticate":
+                raise QuotaStoreFailed("database is locked")
+            return await super().authenticate(secret)
+
+        async def reserve(self, key: KeyInfo, request_id: str, want: Charge) -> Charge:
+            raise QuotaStoreFailed("connection refused")
+
+    for at, message in (("authenticate", "database is locked"), ("reserve", "connection refused")):
+        lm = backend()
+        async with client(algorithm_app(lm, quota=Down({"s1": KEY}, at))) as c:
+            r = await c.post("/v1/chat/completions", json=chat(apportion={"algorithm": "sc"}), headers=keyed("s1"))
+        error = assert_openai_error(r, 503)
+        assert error["code"] == "quota_store_unavailable" and message in error["message"]
+        assert r.headers["retry-after"] == "5" and not lm.calls
+
+
+async def test_a_grant_too_small_to_pay_for_one_sample_is_the_quota_s_429():
+    lm = backend()
+    quota = FakeQuota({"s1": KEY}, tokens_left=5)
+    async with client(algorithm_app(lm, quota=quota)) as c:
+        r = await c.post("/v1/chat/completions", json=chat(apportion={"algorithm": "sc", "budget": 2}),
+                         headers=keyed("s1"))
+    error = assert_openai_error(r, 429)
+    assert error["code"] == "quota_too_small" and error["message"].startswith("the key's quota had 5 tokens left")
+    assert not lm.calls and list(quota.settled.values()) == [Charge(0, Fraction(0), 1)]
+
+
+async def test_free_form_chat_votes_whole_replies_never_a_number_in_the_prose():
+    """apportion.answers = "text": replies compared whole (normalised), so the majority reply wins
+    though a number in another reply's prose would win a math vote; the message is the reply as written."""
+    lm = ScriptedBackend(["I'd call the cat Mochi.", "i'd call the cat mochi", "Maybe 3: Tom.", "Maybe 3, Tom",
+                          "Call it 3 Tom"], model=MODEL)
+    async with client(algorithm_app(lm)) as c:
+        text = await c.post("/v1/chat/completions", json=chat(apportion={"algorithm": "sc", "budget": 5,
+                                                                           "answers": "text"}))
+        bad = await c.post("/v1/chat/completions", json=chat(apportion={"algorithm": "sc", "answers": "vibes"}))
+        forcing = await c.post("/v1/chat/completions", json=chat(apportion={"algorithm": "budget-forcing",
+                                                                              "answers": "text"}))
+    body = text.json()
+    assert body["choices"][0]["message"]["content"] == "I'd call the cat Mochi."
+    assert body["apportion"]["answer"] == "i'd call the cat mochi"
+    assert "unknown answer mode 'vibes'" in assert_openai_error(bad, 400)["message"]
+    assert "free-form answers" in assert_openai_error(forcing, 400)["message"]

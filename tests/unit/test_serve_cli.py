@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import httpx
@@ -66,3 +67,62 @@ def test_bad_options_stop_it_before_it_starts(monkeypatch, args, message):
     result = CliRunner().invoke(app, ["serve", *args])
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
+
+
+def test_keys_are_required_with_a_db_and_a_restart_charges_what_was_left_reserved(monkeypatch, upstream, tmp_path):
+    """`apportion serve --db` serves keys made by `apportion keys create`: no key, 401; a key, its
+    quota charged with what the run spent; the quota used up, 429. A reservation a killed server left
+    open is charged at its grant when the next one starts."""
+    import json
+
+    from apportion.serve.keys import open_key_store
+    from apportion.serve.quota_contract import Charge
+
+    db = str(tmp_path / "keys.db")
+    made = CliRunner().invoke(app, ["keys", "create", "alice", "--tokens-per-day", "500", "--db", db, "--json"])
+    assert made.exit_code == 0, made.output
+    secret = json.loads(made.output)["secret"]
+
+    async def leave_one_open() -> None:  # a request in flight when its server was killed
+        store = await open_key_store(db)
+        try:
+            await store.reserve(await store.authenticate(secret), "killed-mid-request", Charge(tokens=150, requests=1))
+        finally:
+            await store.aclose()
+
+    asyncio.run(leave_one_open())
+    started: list[Any] = []
+    monkeypatch.setattr(apportion.serve, "serve", lambda a, *, host, port, log_level: started.append(a))
+    result = CliRunner().invoke(app, ["serve", "--base-url", upstream.base_url, "--model", "up", "--db", db,
+                                      "--replica", "one", "--max-budget", "gen=4,tokens=200", "--default-budget", "2"])
+    assert result.exit_code == 0, result.output
+    # the reservation was made under the default owner (the host name), not "one": it is not stale yet
+    assert "charged" not in result.output
+    result = CliRunner().invoke(app, ["serve", "--base-url", upstream.base_url, "--model", "up", "--db", db,
+                                      "--max-budget", "gen=4,tokens=200", "--default-budget", "2"])
+    assert "charged 1 reservation(s)" in " ".join(result.output.split())
+    served = started[-1]
+    question = [{"role": "user", "content": "What is 3 + 4?"}]
+
+    async def ask() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=served), base_url="http://test") as c:
+            anonymous = await c.post("/v1/chat/completions", json={"model": "sc-2/up", "messages": question})
+            auth = {"Authorization": f"Bearer {secret}"}
+            replies = [anonymous]
+            for _ in range(12):
+                replies.append(await c.post("/v1/chat/completions", headers=auth,
+                                            json={"model": "sc-2/up", "messages": question}))
+            return replies
+
+    anonymous, *asked = asyncio.run(ask())
+    assert anonymous.status_code == 401
+    ok = [r for r in asked if r.status_code == 200]
+    refused = [r for r in asked if r.status_code == 429]
+    assert ok and refused and len(ok) + len(refused) == 12
+    assert asked.index(refused[0]) == len(ok)  # every request ran until the quota had nothing left
+    assert re.match(r"the key's quota had \d+ tokens left this period, too few for this request",
+                    refused[0].json()["error"]["message"])
+    usage = CliRunner().invoke(app, ["keys", "usage", "alice", "--db", db, "--json"])
+    used = json.loads(usage.output)
+    spent = sum(r.json()["usage"]["total_tokens"] for r in ok)
+    assert used["spent"]["tokens"] == 150 + spent and used["open_reservations"] == 0

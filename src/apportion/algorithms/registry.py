@@ -30,6 +30,7 @@ from apportion.algorithms.steps import STEP_SYSTEM_PROMPT, SearchOptions
 from apportion.algorithms.stopping import StopRule
 from apportion.algorithms.tree_of_thoughts import TreeOfThoughts, TreeOfThoughtsOptions
 from apportion.algorithms.value_tree_search import ValueTreeSearch, ValueTreeSearchOptions
+from apportion.answers.freeform import check_answer_mode
 from apportion.errors import ConfigError
 from apportion.reward.base import OutcomeScorer
 from apportion.reward.process import ProcessScorer
@@ -204,6 +205,7 @@ def make_algorithm(name: str, sampling: SamplingOptions | None = None,
     search (those of ``NEEDS_PROCESS_SCORER`` refuse to run without one); ``settings`` set the
     algorithm's own scalar options by name from text (``settings.configure``: ``--set KEY=VALUE``)."""
     algorithm = _make(name, sampling, scorer, stopping, forcing, programs, process_scorer, search)
+    check_answer_mode(algorithm)  # free-form answers with an algorithm that reads answers its own way: now, not mid-run
     if settings:
         options = getattr(algorithm, "options", None)
         if options is None:

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from apportion.answers.freeform import parse_answer_mode
 from apportion.budget.units import Budget
 from apportion.cli._app import (
     EXIT_USAGE,
@@ -33,6 +36,7 @@ from apportion.cli._app import (
     sampling_options,
 )
 from apportion.errors import ApportionError
+from apportion.serve.quota_contract import LazyQuotaStore
 
 HostOpt = Annotated[str, typer.Option(help="Address to listen on.")]
 PortOpt = Annotated[int, typer.Option(help="Port to listen on.")]
@@ -71,6 +75,19 @@ def serve_algorithms(
                                  "'game24', or a process reward model served by vLLM, "
                                  "'prm:base_url=URL,model=NAME[,key=value...]' (requests may then name it 'prm'). "
                                  "Requests may always name 'judge' and 'game24'.")] = None,
+    answers: Annotated[str, typer.Option(
+        "--answers", help="How candidates' answers are compared where a request does not say "
+                          "(apportion.answers): math (a final answer read from each), text (whole replies, "
+                          "normalised: free-form chat) or judge (the model clusters replies).")] = "math",
+    keys: Annotated[bool, typer.Option(
+        "--keys/--no-keys", help="Require an API key (`apportion keys create`) on every request, with its "
+                                 "quotas; implied by --db.")] = False,
+    db: Annotated[str | None, typer.Option(
+        "--db", help="The key and quota store: an SQLite file or postgresql://... shared by replicas "
+                     "(default with --keys: the SQLite file of `apportion keys`).")] = None,
+    replica: Annotated[str | None, typer.Option(
+        "--replica", help="This server's name among replicas sharing --db: a restart charges the open "
+                          "reservations its previous run left (default: the host name).")] = None,
 ) -> None:
     """Serve every algorithm over the OpenAI protocol: each request runs one under a budget (docs/serve.md).
 
@@ -91,14 +108,17 @@ def serve_algorithms(
             default_budget=Budget.parse(default_budget),
             max_budget=None if max_budget.strip().lower() in ("none", "") else Budget.parse(max_budget),
             max_request_tokens=max_request_tokens, max_body_bytes=max_body_bytes,
-            sampling=sampling_options(max_tokens, temperature, top_p, system_prompt),
+            sampling=replace(sampling_options(max_tokens, temperature, top_p, system_prompt),
+                             answers=parse_answer_mode(answers)),
             scorer=scorer, process_scorer=default_process)
         backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
-        served = algorithm_app(backend, options, process_scorers=offered)
+        quota = _quota_store(db, replica, console) if keys or db is not None else None
+        served = algorithm_app(backend, options, quota=quota, process_scorers=offered)
     except ApportionError as exc:
         fail(console, exc, EXIT_USAGE)
     checked_preflight(backend, console)
-    console.print(f"serving {backend.model} with every algorithm on http://{host}:{port}/v1")
+    console.print(f"serving {backend.model} with every algorithm on http://{host}:{port}/v1"
+                  + (" (API keys required)" if quota is not None else ""))
     serve(served, host=host, port=port, log_level="warning")
 
 
@@ -122,3 +142,21 @@ def replay_serve(
     serve(served, host=host, port=port, log_level="warning")
 
 
+def _quota_store(db: str | None, replica: str | None, console: Console) -> LazyQuotaStore:
+    """The store requests will use (opened in the server's own loop), after charging what a
+    previous run of this server left reserved when it stopped mid-request."""
+    from apportion.serve.keys import QuotaStoreOptions, open_key_store
+
+    options = QuotaStoreOptions() if replica is None else QuotaStoreOptions(owner=replica)
+
+    async def recovered() -> int:
+        store = await open_key_store(db, options)
+        try:
+            return await store.recover()
+        finally:
+            await store.aclose()
+
+    charged = asyncio.run(recovered())  # also checks the store opens: a bad --db is a usage error now
+    if charged:
+        console.print(f"charged {charged} reservation(s) left open by a previous run at their grant")
+    return LazyQuotaStore(lambda: open_key_store(db, options))

@@ -63,6 +63,7 @@ from apportion.algorithms.base import Algorithm, SamplingOptions, check_budget_c
 from apportion.algorithms.planning import Planning
 from apportion.algorithms.registry import make_algorithm, needs_process_scorer, takes_process_scorer
 from apportion.algorithms.stopping import parse_stop
+from apportion.answers.freeform import parse_answer_mode
 from apportion.budget.ledger import Ledger
 from apportion.budget.units import Budget, Spend, to_fraction
 from apportion.errors import ConfigError
@@ -98,7 +99,7 @@ from apportion.serve.openai_app import (
     model_card,
     unknown_model,
 )
-from apportion.serve.quota_contract import Charge, InvalidKey, KeyInfo, QuotaExceeded, QuotaStore
+from apportion.serve.quota_contract import Charge, InvalidKey, KeyInfo, QuotaExceeded, QuotaStore, QuotaStoreFailed
 from apportion.serve.sse import DONE, ClientGone, EventStreamResponse, event, unless_disconnected
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,8 @@ class _Ticket:
     stream_done: bool = False
     """The stream ran to its end (otherwise the client went away mid-stream)."""
     closed: bool = False
+    narrowed: str | None = None
+    """What the key's quota had left where it granted less than the request asked for."""
 
     def failed(self, err: RequestError) -> None:
         self.status = err.status
@@ -382,6 +385,8 @@ class _Service:
         except InvalidKey as exc:
             raise RequestError(f"invalid API key: {exc}", status=401, code="invalid_api_key",
                                headers=challenge) from None
+        except QuotaStoreFailed as exc:
+            raise _store_unavailable(exc) from None
 
     async def _read_body(self, request: Request) -> dict[str, Any]:
         limit = self.options.max_body_bytes
@@ -432,6 +437,11 @@ class _Service:
         if process_name is not None and process_name not in self.process_scorers:
             raise RequestError(f"unknown process scorer {process_name!r}; this server offers: "
                                f"{', '.join(self.process_scorers) or 'none'}", param="apportion.process_scorer")
+        if choice.answers is not None:
+            try:
+                sampling = replace(sampling, answers=parse_answer_mode(choice.answers))
+            except ConfigError as exc:
+                raise RequestError(f"apportion.answers: {exc}", param="apportion.answers") from None
         scorer = SCORERS[scorer_name]()
         process = self.process_scorers[process_name]() if process_name is not None else None
         ticket.closables.extend(x for x in (scorer, process) if x is not None)
@@ -469,7 +479,12 @@ class _Service:
             except QuotaExceeded as exc:
                 raise RequestError(str(exc), status=429, type="insufficient_quota", code=f"{exc.quota}_quota_exceeded",
                                    headers=_retry_after(exc.resets_at)) from None
+            except QuotaStoreFailed as exc:
+                raise _store_unavailable(exc) from None
             ticket.reserved = True
+            if grant.tokens < want.tokens or grant.usd < want.usd:
+                ticket.narrowed = (f"the key's quota had {grant.tokens} tokens"
+                                   + (f" and ${float(grant.usd):.6g}" if want.usd else "") + " left this period")
             budget = _within(budget, want, grant)
         ticket.budget = budget
         ticket.ledger = Ledger(budget)
@@ -495,6 +510,11 @@ class _Service:
         return JSONResponse(body, headers={"x-request-id": ticket.request_id})
 
     def _error(self, err: RequestError, ticket: _Ticket) -> JSONResponse:
+        if isinstance(err, RunError) and err.code == "budget_too_small" and ticket.narrowed is not None:
+            # Too small because the quota is nearly spent: the quota's refusal, not the request's fault.
+            err = RunError(f"{ticket.narrowed}, too few for this request ({err.message})", err.result, status=429,
+                           type="insufficient_quota", code="quota_too_small")
+            ticket.failed(err)
         headers = {**err.headers, "x-request-id": ticket.request_id}
         body = error_object(err)
         if isinstance(err, RunError):  # it ran: what it spent
@@ -543,6 +563,12 @@ class _Service:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+
+
+def _store_unavailable(exc: QuotaStoreFailed) -> RequestError:
+    # Nothing ran and nothing was reserved: the client may retry once the store is back.
+    return RequestError(f"the key and quota store is unavailable: {exc}", status=503, type="server_error",
+                        code="quota_store_unavailable", headers={"Retry-After": "5"})
 
 
 def _within(budget: Budget, want: Charge, grant: Charge) -> Budget:

@@ -10,7 +10,8 @@ The ``apportion`` object (every field optional but ``algorithm``)::
      "scorer": "self-certainty",                  # best-of-N's outcome scorer
      "process_scorer": "judge",                   # a step-wise search's, among those the server offers
      "candidates": true,                          # every candidate in the response's apportion field
-     "trace": true}                               # and the per-call trace
+     "trace": true,                               # and the per-call trace
+     "answers": "text"}                           # compare whole replies (free-form chat), or "judge", "math"
 
 The model-name prefix, ``<algorithm>[-<N>]/<model>``: ``sc-8/<model>`` is self-consistency with 8
 generations, ``best-of-n-16/<model>`` best-of-N with 16, ``dvts/<model>`` DVTS under the server's
@@ -34,7 +35,7 @@ from apportion.errors import BudgetError
 from apportion.serve._requests import RequestError
 
 APPORTION_KEYS = frozenset({"algorithm", "budget", "stop", "settings", "scorer", "process_scorer", "candidates",
-                            "trace"})
+                            "trace", "answers"})
 _PREFIX = re.compile(r"(?P<name>.+?)(?:-(?P<n>\d+))?")
 
 
@@ -52,6 +53,9 @@ class AlgorithmChoice:
     process_scorer: str | None = None
     candidates: bool = False
     trace: bool = False
+    answers: str | None = None
+    """How candidates' answers are compared: "math" (a final answer read from each), "text" (the
+    whole reply, normalised) or "judge" (the model clusters replies); None: the server's default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +126,7 @@ def read_choice(raw: Any) -> AlgorithmChoice:
         process_scorer=_string(raw, "process_scorer") if "process_scorer" in raw else None,
         candidates=_flag(raw, "candidates"),
         trace=_flag(raw, "trace"),
+        answers=_string(raw, "answers") if "answers" in raw else None,
     )
 
 

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from apportion.budget.units import Budget
 from apportion.errors import ApportionError, BudgetError, ConfigError
-from apportion.serve.quota_contract import Charge, InvalidKey, KeyInfo, QuotaExceeded, QuotaStore
+from apportion.serve.quota_contract import Charge, InvalidKey, KeyInfo, QuotaExceeded, QuotaStore, QuotaStoreFailed
 
 SECRET_PREFIX = "ap-"
 DAY_S = 86_400
@@ -65,7 +65,7 @@ class UnknownReservation(ApportionError):
     """``settle`` of a request id with no reservation: never reserved, or already settled."""
 
 
-class KeyStoreError(ApportionError):
+class KeyStoreError(QuotaStoreFailed):
     """The database failed (unreachable, locked past the timeout, not a key store)."""
 
 

@@ -14,6 +14,8 @@ the same remaining quota.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
@@ -43,6 +45,10 @@ class KeyInfo:
 
 class InvalidKey(ApportionError):
     """No key, an unknown key, or a revoked one (HTTP 401)."""
+
+
+class QuotaStoreFailed(ApportionError):
+    """The store could not answer (its database unreachable or locked past its timeout): HTTP 503."""
 
 
 class QuotaExceeded(ApportionError):
@@ -75,3 +81,38 @@ class QuotaStore(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class LazyQuotaStore:
+    """A store opened on first use, in the event loop that uses it (a server's loop is not the one
+    its command line starts in, and database connections belong to one loop)."""
+
+    def __init__(self, open_store: Callable[[], Awaitable[QuotaStore]]) -> None:
+        self._open = open_store
+        self._store: QuotaStore | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def store(self) -> QuotaStore:
+        if self._store is None:
+            self._lock = self._lock or asyncio.Lock()
+            async with self._lock:
+                if self._store is None:
+                    self._store = await self._open()
+        return self._store
+
+    async def authenticate(self, secret: str) -> KeyInfo:
+        return await (await self.store()).authenticate(secret)
+
+    async def reserve(self, key: KeyInfo, request_id: str, want: Charge) -> Charge:
+        return await (await self.store()).reserve(key, request_id, want)
+
+    async def settle(self, request_id: str, spent: Charge) -> None:
+        await (await self.store()).settle(request_id, spent)
+
+    async def recover(self) -> int:
+        return await (await self.store()).recover()
+
+    async def aclose(self) -> None:
+        if self._store is not None:
+            store, self._store = self._store, None
+            await store.aclose()
