@@ -8,7 +8,7 @@ import asyncio
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from fractions import Fraction
 from io import BytesIO
@@ -19,11 +19,15 @@ import httpx
 import pytest
 from PIL import Image
 from starlette.applications import Starlette
+from typer.testing import CliRunner
 
+import apportion.serve
 from apportion.budget.units import Budget, Price, Spend
+from apportion.cli import app as app_cli
 from apportion.errors import ConfigError
 from apportion.lm.base import Completion, Prompt, SamplingParams
 from apportion.lm.scripted import ScriptedBackend
+from apportion.serve import ServedApp, openai_app
 from apportion.serve.algorithm_app import algorithm_app
 from apportion.serve.dashboard import COOKIE, Dashboard, DashboardOptions, RequestLog, with_dashboard
 from apportion.serve.hooks import RequestFinished, RequestStarted
@@ -378,3 +382,71 @@ async def test_no_secret_is_ever_shown(keys):
     for secret in (*secrets.values(), "not-a-key-but-maybe-a-typo-of-one"):
         assert secret not in shown
     assert TOKEN not in shown
+
+
+# -- apportion serve -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def upstream() -> Iterator[ServedApp]:
+    with ServedApp(openai_app(ScriptedBackend(["The answer is 7."], model="up"))) as served:
+        yield served
+
+
+def serve_cli(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> tuple[int, str, Any]:
+    """``apportion serve ARGS``: its exit code, its output, and the app it would serve (uvicorn is not started)."""
+    started: list[Any] = []
+    monkeypatch.setattr(apportion.serve, "serve", lambda a, **kw: started.append(a))
+    result = CliRunner().invoke(app_cli, ["serve", *args])
+    return result.exit_code, result.output, started[0] if started else None
+
+
+def test_the_command_line_serves_the_dashboard(monkeypatch, upstream):
+    # the command runs its own event loop (its backend check), so the app is exercised after it, in another
+    backend = ["--base-url", upstream.base_url, "--model", "up"]
+    code, output, served = serve_cli(monkeypatch, [*backend, "--runs", str(FIXTURE_RUN), "--dashboard-token", TOKEN])
+    assert code == 0, output
+    assert "dashboard on http://127.0.0.1:8000/ (open /?token=" in output and TOKEN not in output
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def with_token() -> None:
+        async with client(served, host="10.1.2.3") as c:
+            assert_error(await c.get("/dashboard/api/runs"), 401, "dashboard_token_required")
+            [run] = (await get_json(c, "/dashboard/api/runs", headers=bearer))["runs"]
+            assert run["error"] is None and run["curves"]
+            answer = await c.post("/v1/chat/completions", json={"model": "sc-2/up", "messages": QUESTION})
+            assert answer.status_code == 200, answer.text
+            [shown] = (await get_json(c, "/dashboard/api/requests", headers=bearer))["recent"]
+            assert shown["algorithm"] == "self-consistency" and shown["request_id"] == answer.headers["x-request-id"]
+
+    asyncio.run(with_token())
+
+    code, output, served = serve_cli(monkeypatch, [*backend, "--no-dashboard"])
+    assert code == 0 and "dashboard" not in output
+
+    async def without() -> None:
+        async with client(served) as c:
+            assert (await c.get("/")).status_code == 404
+
+    asyncio.run(without())
+
+    monkeypatch.setenv("APPORTION_DASHBOARD_TOKEN", TOKEN)
+    code, output, served = serve_cli(monkeypatch, backend)
+    assert code == 0, output
+
+    async def token_from_the_environment() -> None:
+        async with client(served) as c:
+            assert (await c.get("/dashboard/api/spend")).status_code == 401
+            assert (await c.get("/dashboard/api/spend", headers=bearer)).status_code == 200
+
+    asyncio.run(token_from_the_environment())
+
+
+def test_the_command_line_refuses_a_bad_dashboard(monkeypatch, upstream, tmp_path):
+    backend = ["--base-url", upstream.base_url, "--model", "up"]
+    for args, words in (([*backend, "--runs", str(tmp_path)], "summary.json"),
+                        ([*backend, "--dashboard-token", "short"], "at least 8 characters"),
+                        ([*backend, "--no-dashboard", "--runs", str(FIXTURE_RUN)], "drop --no-dashboard")):
+        code, output, served = serve_cli(monkeypatch, args)
+        assert code == 2 and served is None, output
+        assert words in output

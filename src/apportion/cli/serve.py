@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -35,8 +35,11 @@ from apportion.cli._app import (
     make_process_scorer,
     sampling_options,
 )
-from apportion.errors import ApportionError
+from apportion.errors import ApportionError, ConfigError
 from apportion.serve.quota_contract import LazyQuotaStore
+
+if TYPE_CHECKING:
+    from apportion.serve.dashboard import Dashboard
 
 HostOpt = Annotated[str, typer.Option(help="Address to listen on.")]
 PortOpt = Annotated[int, typer.Option(help="Port to listen on.")]
@@ -88,12 +91,23 @@ def serve_algorithms(
     replica: Annotated[str | None, typer.Option(
         "--replica", help="This server's name among replicas sharing --db: a restart charges the open "
                           "reservations its previous run left (default: the host name).")] = None,
+    dashboard: Annotated[bool, typer.Option(
+        "--dashboard/--no-dashboard", help="The web page at /: requests in flight and recent, spend per key and "
+                                           "per algorithm, the --runs plots (docs/serve.md).")] = True,
+    runs: Annotated[list[Path] | None, typer.Option(
+        "--runs", help="A run directory of `apportion bench` whose accuracy-versus-spend plot the dashboard "
+                       "shows (repeat for several).")] = None,
+    dashboard_token: Annotated[str | None, typer.Option(
+        "--dashboard-token", envvar="APPORTION_DASHBOARD_TOKEN",
+        help="The dashboard's admin credential, needed from everywhere (open /?token=TOKEN once). Without it a "
+             "server with API keys shows its dashboard on the loopback interface only.")] = None,
 ) -> None:
     """Serve every algorithm over the OpenAI protocol: each request runs one under a budget (docs/serve.md).
 
     Max tokens, temperature, top-p and the system prompt are the defaults for what a request leaves unset."""
     from apportion.serve import serve
     from apportion.serve.algorithm_app import ServeOptions, algorithm_app
+    from apportion.serve.dashboard import with_dashboard
 
     console = Console(stderr=True, soft_wrap=True)
     try:
@@ -111,14 +125,22 @@ def serve_algorithms(
             sampling=replace(sampling_options(max_tokens, temperature, top_p, system_prompt),
                              answers=parse_answer_mode(answers)),
             scorer=scorer, process_scorer=default_process)
+        board = _dashboard(dashboard, runs, dashboard_token)  # a bad run directory stops it before anything starts
         backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
         quota = _quota_store(db, replica, console) if keys or db is not None else None
-        served = algorithm_app(backend, options, quota=quota, process_scorers=offered)
+        served = algorithm_app(backend, options, quota=quota, process_scorers=offered,
+                               observers=[board.log] if board is not None else [])
+        if board is not None:
+            served = with_dashboard(served, board, keys=quota is not None)
     except ApportionError as exc:
         fail(console, exc, EXIT_USAGE)
     checked_preflight(backend, console)
     console.print(f"serving {backend.model} with every algorithm on http://{host}:{port}/v1"
                   + (" (API keys required)" if quota is not None else ""))
+    if board is not None:
+        console.print(f"dashboard on http://{host}:{port}/" + (
+            " (open /?token=<--dashboard-token> once)" if dashboard_token is not None
+            else " (loopback clients only: API keys are required)" if quota is not None else ""))
     serve(served, host=host, port=port, log_level="warning")
 
 
@@ -140,6 +162,16 @@ def replay_serve(
         fail(console, exc, EXIT_USAGE)
     console.print(f"serving {bank} on http://{host}:{port}/v1")
     serve(served, host=host, port=port, log_level="warning")
+
+
+def _dashboard(enabled: bool, runs: list[Path] | None, token: str | None) -> Dashboard | None:
+    from apportion.serve.dashboard import Dashboard, DashboardOptions
+
+    if not enabled:
+        if runs or token is not None:
+            raise ConfigError("--runs and --dashboard-token are the dashboard's: drop --no-dashboard")
+        return None
+    return Dashboard(DashboardOptions(runs=tuple(runs or ()), token=token))
 
 
 def _quota_store(db: str | None, replica: str | None, console: Console) -> LazyQuotaStore:
