@@ -5,6 +5,7 @@ the rows of an uncut one, Game of 24 judged by its verifier, and its-hub's searc
 import json
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -349,3 +350,17 @@ def test_continuation_is_a_server_setting():
         _continued(ScriptedBackend(writer), "chatml")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="one of"):
         _continued(served, "telepathy")
+
+
+def test_a_sampling_field_added_later_leaves_the_journal_header_alone_at_its_default():
+    """Journals written before ``SamplingOptions.answers`` existed resume: at its default the field
+    is not in the header; set otherwise, it is, so those cells never mix with math-mode ones."""
+    from apportion.bench.harness import _journal_meta
+
+    def header(sampling: SamplingOptions) -> dict:
+        spec = BenchSpec(dataset="mawps_singleop", problems=[], out=Path("unused"),
+                         options=GridOptions(algorithms=("self-consistency",), budgets=(1,), sampling=sampling))
+        return _journal_meta(spec, None)["sampling"]
+
+    assert "answers" not in header(SamplingOptions())
+    assert header(SamplingOptions(answers="text"))["answers"] == "text"

@@ -275,11 +275,18 @@ async def _draw(spec: BenchSpec, backend: Backend, progress: Progress | None) ->
     return bank
 
 
+# Sampling fields added after journals were first written: left out at their default, so a journal
+# written before them still resumes (its cells ran at that default).
+_LATER_SAMPLING_DEFAULTS = {"answers": "math"}
+
+
 def _journal_meta(spec: BenchSpec, backend: Backend | None) -> dict[str, Any]:
     """What every live outcome depends on beside its cell and question (``bench.journal``)."""
     options = spec.options
+    sampling = {k: v for k, v in asdict(options.sampling).items()
+                if k not in _LATER_SAMPLING_DEFAULTS or v != _LATER_SAMPLING_DEFAULTS[k]}
     return {"dataset": spec.dataset, "model": backend.model if backend is not None else None, "seed": options.seed,
-            "sampling": asdict(options.sampling), "scorer": options.scorer,
+            "sampling": sampling, "scorer": options.scorer,
             "process_scorer": options.process_scorer_name, "search": options.search_dict(), "judge": options.judge}
 
 
