@@ -543,3 +543,30 @@ def bench_train_estimator(
     except ApportionError as exc:
         fail(Console(stderr=True), exc, EXIT_USAGE)
     typer.echo(f"trained on {estimator.examples} votes from {', '.join(estimator.trained_on)}; wrote {out}")
+
+
+@bench_app.command("serve-load")
+def bench_serve_load(
+    requests: Annotated[int, typer.Option(help="Requests per row in the concurrent phase.")] = 400,
+    concurrency: Annotated[int, typer.Option(help="Clients at once in the concurrent phase.")] = 32,
+    sequential: Annotated[int, typer.Option(help="Requests per row sent one at a time (the latency figures).")] = 100,
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats (medians are reported).")] = 2,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("runs/serve_load.json"),
+) -> None:
+    """`apportion serve` over an instant backend against the backend served directly: requests per
+    second and the latency added by a plain call, sc-1 and sc-8, without and with API keys."""
+    from apportion.bench import serve_load
+
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        check_report_path(out)
+        config = serve_load.ServeLoadConfig(requests=requests, concurrency=concurrency, sequential=sequential,
+                                            repeats=repeats)
+    except ApportionError as exc:
+        fail(console, exc, EXIT_USAGE)
+    report = serve_load.run(config)
+    serve_load.write(report, out)
+    typer.echo(serve_load.table(report))
+    console.print(f"wrote {out}")
+    if not all(report["checks"].values()):
+        fail(console, ApportionError(f"checks failed: {report['checks']}"), EXIT_FAILURE)

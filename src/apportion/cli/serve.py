@@ -108,6 +108,7 @@ def serve_algorithms(
     from apportion.serve import serve
     from apportion.serve.algorithm_app import ServeOptions, algorithm_app
     from apportion.serve.dashboard import with_dashboard
+    from apportion.serve.metrics import MetricsOptions, ServeMetrics, with_metrics
 
     console = Console(stderr=True, soft_wrap=True)
     try:
@@ -128,8 +129,10 @@ def serve_algorithms(
         board = _dashboard(dashboard, runs, dashboard_token)  # a bad run directory stops it before anything starts
         backend = make_backend(base_url, model, api_key, model_path, price, price_file, timeout)
         quota = _quota_store(db, replica, console) if keys or db is not None else None
-        served = algorithm_app(backend, options, quota=quota, process_scorers=offered,
-                               observers=[board.log] if board is not None else [])
+        metrics = ServeMetrics(MetricsOptions(by_key=quota is not None))
+        served = with_metrics(algorithm_app(backend, options, quota=quota,
+                                            observers=[metrics, *([board.log] if board is not None else [])],
+                                            process_scorers=offered), metrics)
         if board is not None:
             served = with_dashboard(served, board, keys=quota is not None)
     except ApportionError as exc:

@@ -510,10 +510,13 @@ class _Service:
         return JSONResponse(body, headers={"x-request-id": ticket.request_id})
 
     def _error(self, err: RequestError, ticket: _Ticket) -> JSONResponse:
-        if isinstance(err, RunError) and err.code == "budget_too_small" and ticket.narrowed is not None:
-            # Too small because the quota is nearly spent: the quota's refusal, not the request's fault.
-            err = RunError(f"{ticket.narrowed}, too few for this request ({err.message})", err.result, status=429,
-                           type="insufficient_quota", code="quota_too_small")
+        if err.code == "budget_too_small" and ticket.narrowed is not None:
+            # Too small because the quota is nearly spent: the quota's refusal, not the request's fault
+            # (a plain call's refusal is the ledger's BudgetExhausted, not a RunError).
+            message = f"{ticket.narrowed}, too few for this request ({err.message})"
+            err = (RunError(message, err.result, status=429, type="insufficient_quota", code="quota_too_small")
+                   if isinstance(err, RunError) else
+                   RequestError(message, status=429, type="insufficient_quota", code="quota_too_small"))
             ticket.failed(err)
         headers = {**err.headers, "x-request-id": ticket.request_id}
         body = error_object(err)
@@ -521,6 +524,12 @@ class _Service:
             body["apportion"] = {"request_id": ticket.request_id, "algorithm": err.result.algorithm,
                                  "budget": err.result.budget.limits(), "spent": err.result.spent.to_dict(),
                                  "exhausted_reason": err.result.exhausted_reason, "error": err.result.error}
+        elif ticket.ledger is not None:
+            # Admitted, then failed (a plain call whose backend timed out may be billed): the spend the
+            # key is charged with is in the body too, so a client's own count can match its quota's.
+            body["apportion"] = {"request_id": ticket.request_id, "algorithm": ticket.algorithm,
+                                 "budget": ticket.ledger.budget.limits(), "spent": ticket.ledger.spend().to_dict(),
+                                 "error": err.message}
         return JSONResponse(body, status_code=err.status, headers=headers)
 
     def _stream(self, ticket: _Ticket, events: AsyncGenerator[bytes, None]) -> EventStreamResponse:
