@@ -133,13 +133,21 @@ async def test_a_grant_is_cut_to_what_is_left_and_a_refusal_names_the_quota_and_
     assert await store.reserve(key, "r2", Charge(60, Fraction(1, 10), 0)) == Charge(40, Fraction(1, 10), 1)
     with pytest.raises(QuotaExceeded) as refused:
         await store.reserve(key, "r3", Charge(1, Fraction(0), 1))
-    assert str(refused.value) == f"tokens per day: 0 of 100 left; resets at {MIDNIGHT}"
-    assert refused.value.quota == "tokens"
+    # everything left is held by r1 and r2, still in flight: back when they settle, not at midnight
+    assert str(refused.value) == ("tokens per day: the 100 tokens left are held by 2 request(s) in flight; what "
+                                  "they do not spend comes back when they finish (retry shortly)")
+    assert refused.value.quota == "tokens" and refused.value.retry_after_s == 1.0
     assert refused.value.resets_at == datetime(2026, 11, 27, tzinfo=UTC)
     usage = await store.usage("q")
     assert (usage.held.tokens, usage.open_reservations, usage.spent.requests) == (100, 2, 2)  # r3 not counted
     await store.settle("r1", Charge(20, Fraction(1, 30)))
     assert await store.reserve(key, "r4", Charge(50, Fraction(0), 1)) == Charge(40, Fraction(0), 1)
+    await store.settle("r2", Charge(40))
+    await store.settle("r4", Charge(40))
+    with pytest.raises(QuotaExceeded) as spent:  # all of it spent: now it is the reset that brings more
+        await store.reserve(key, "r5", Charge(1, Fraction(0), 1))
+    assert str(spent.value) == f"tokens per day: 0 of 100 left; resets at {MIDNIGHT}"
+    assert spent.value.retry_after_s is None
     await store.aclose()
 
 
@@ -152,13 +160,18 @@ async def test_dollars_are_exact_and_their_quota_refuses_with_its_name(db):
         assert (await store.reserve(key, f"u{i}", Charge(500, third, 1))).usd == third  # no token quota: all 500
     with pytest.raises(QuotaExceeded) as refused:
         await store.reserve(key, "u3", Charge(1, Fraction(1, 10**9), 1))
-    assert str(refused.value) == f"dollars per day: $0 of $0.1 left; resets at {MIDNIGHT}"
+    assert str(refused.value) == ("dollars per day: the $0.1 left are held by 3 request(s) in flight; what they do "
+                                  "not spend comes back when they finish (retry shortly)")
     assert refused.value.quota == "usd"
     for i in range(3):
         await store.settle(f"u{i}", Charge(500, third / 7))
     usage = await store.usage("usd")
     assert usage.spent.usd == third * 3 / 7 and usage.usd_left == Fraction(1, 10) - third * 3 / 7  # no float drift
     assert usage.spent.tokens == 1500 and usage.tokens_left is None
+    await store.reserve(key, "all", Charge(1, usage.usd_left, 1))
+    await store.settle("all", Charge(1, usage.usd_left))
+    with pytest.raises(QuotaExceeded, match=re.escape(f"dollars per day: $0 of $0.1 left; resets at {MIDNIGHT}")):
+        await store.reserve(key, "u4", Charge(1, Fraction(1, 10**9), 1))
     await store.aclose()
 
 
@@ -212,7 +225,7 @@ async def test_a_new_period_starts_afresh_and_a_top_up_lasts_its_period(db):
     topped = await store.top_up("daily", Charge(tokens=25, usd=Fraction(1, 4), requests=1))
     assert (topped.tokens_left, topped.usd_left, topped.requests_left) == (25, Fraction(5, 4), 10)
     assert await store.reserve(key, "b", Charge(40, Fraction(0), 1)) == Charge(25, Fraction(0), 1)
-    with pytest.raises(QuotaExceeded, match="tokens per day: 0 of 125 left"):
+    with pytest.raises(QuotaExceeded, match="tokens per day: the 25 tokens left are held by 1 request"):
         await store.reserve(key, "c", Charge(1, Fraction(0), 1))
 
     clock.at = datetime(2026, 11, 27, 0, 0, 1, tzinfo=UTC)
@@ -245,6 +258,7 @@ async def test_a_key_period_is_its_own(db):
     _, secret = await store.create_key(KeySpec("hourly", tokens=10, period_s=parse_period("1h")))
     key = await store.authenticate(secret)
     await store.reserve(key, "a", Charge(10, Fraction(0), 1))
+    await store.settle("a", Charge(10))
     with pytest.raises(QuotaExceeded) as refused:
         await store.reserve(key, "b", Charge(1, Fraction(0), 1))
     assert str(refused.value) == "tokens per hour: 0 of 10 left; resets at 2026-11-26T13:00:00Z"

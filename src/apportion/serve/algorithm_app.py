@@ -478,7 +478,7 @@ class _Service:
                 grant = await self.quota.reserve(ticket.key, ticket.request_id, want)
             except QuotaExceeded as exc:
                 raise RequestError(str(exc), status=429, type="insufficient_quota", code=f"{exc.quota}_quota_exceeded",
-                                   headers=_retry_after(exc.resets_at)) from None
+                                   headers=_retry_after(exc.resets_at, exc.retry_after_s)) from None
             except QuotaStoreFailed as exc:
                 raise _store_unavailable(exc) from None
             ticket.reserved = True
@@ -602,7 +602,9 @@ def _float_at_most(value: Fraction) -> float:
     return out
 
 
-def _retry_after(resets_at: datetime | None) -> dict[str, str]:
+def _retry_after(resets_at: datetime | None, retry_after_s: float | None = None) -> dict[str, str]:
+    if retry_after_s is not None:
+        return {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
     if resets_at is None:
         return {}
     now = datetime.now(resets_at.tzinfo)

@@ -637,16 +637,33 @@ def _grant(usage: KeyUsage, want: Charge) -> Charge:
     tokens_left, usd_left = usage.tokens_left, usage.usd_left
     if tokens_left is not None:
         if tokens_left <= 0:
-            raise QuotaExceeded(f"tokens {per}: 0 of {(key.tokens or 0) + usage.top_up.tokens} left; {resets}",
+            allowed = (key.tokens or 0) + usage.top_up.tokens
+            if usage.spent.tokens < allowed:
+                raise _held("tokens", per, f"the {allowed - usage.spent.tokens} tokens left", usage)
+            raise QuotaExceeded(f"tokens {per}: 0 of {allowed} left; {resets}",
                                 quota="tokens", resets_at=usage.resets_at)
         tokens = min(tokens, tokens_left)
     if usd_left is not None:
         if usd_left <= 0:
             allowed_usd = (key.usd or Fraction(0)) + usage.top_up.usd
+            if usage.spent.usd < allowed_usd:
+                raise _held("usd", per, f"the ${format_usd(allowed_usd - usage.spent.usd)} left", usage)
             raise QuotaExceeded(f"dollars {per}: $0 of ${format_usd(allowed_usd)} left; {resets}",
                                 quota="usd", resets_at=usage.resets_at)
         usd = min(usd, usd_left)
     return Charge(tokens=tokens, usd=usd, requests=1)
+
+
+HELD_RETRY_S = 1.0
+"""How soon to ask again when what a quota has left is only held by requests in flight: they
+settle what they did not spend within a request's time, not at the period's reset."""
+
+
+def _held(quota: str, per: str, left: str, usage: KeyUsage) -> QuotaExceeded:
+    unit = _UNIT_WORDS[quota]
+    return QuotaExceeded(f"{unit} {per}: {left} are held by {usage.open_reservations} request(s) in flight; what "
+                         "they do not spend comes back when they finish (retry shortly)",
+                         quota=quota, resets_at=usage.resets_at, retry_after_s=HELD_RETRY_S)
 
 
 def _check_charge(charge: Charge, what: str) -> None:

@@ -54,10 +54,13 @@ class QuotaStoreFailed(ApportionError):
 class QuotaExceeded(ApportionError):
     """A quota has nothing left for this request (HTTP 429). The message says which quota and when it resets."""
 
-    def __init__(self, message: str, *, quota: str, resets_at: datetime | None) -> None:
+    def __init__(self, message: str, *, quota: str, resets_at: datetime | None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.quota = quota
         self.resets_at = resets_at
+        self.retry_after_s = retry_after_s
+        """Sooner than the reset: what is left is only held by requests in flight, back when they settle."""
 
 
 class QuotaStore(Protocol):
