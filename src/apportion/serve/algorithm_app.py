@@ -42,16 +42,11 @@ spent is settled after it, however it ended.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import datetime
-from fractions import Fraction
-from typing import Any
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
 
 import anyio
 from starlette.applications import Starlette
@@ -59,48 +54,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from apportion.algorithms.base import Algorithm, SamplingOptions, check_budget_can_bind
-from apportion.algorithms.planning import Planning
-from apportion.algorithms.registry import make_algorithm, needs_process_scorer, takes_process_scorer
-from apportion.algorithms.stopping import parse_stop
-from apportion.answers.freeform import parse_answer_mode
-from apportion.budget.ledger import Ledger
-from apportion.budget.units import Budget, Spend, to_fraction
+from apportion.algorithms.base import SamplingOptions
+from apportion.budget.units import Budget, Spend
 from apportion.errors import ConfigError
-from apportion.lm.base import Backend, Message, Prompt
+from apportion.lm.base import Backend
 from apportion.lm.metered import MeteredLM
-from apportion.result import Result
 from apportion.reward import SCORERS
-from apportion.reward.process import ProcessScorer
-from apportion.serve._bodies import (
-    RunError,
-    Shape,
-    answered,
-    apportion_field,
-    finish_reason,
-    interim_field,
-    result_body,
-    usage_counts,
-)
+from apportion.serve._bodies import Shape, answered, result_body, usage_counts
 from apportion.serve._requests import ParsedRequest, RequestError, parse_chat, parse_completion
-from apportion.serve.apportion_request import AlgorithmChoice, Routing, cap, route
-from apportion.serve.hooks import (
-    RequestFinished,
-    RequestObserver,
-    RequestStarted,
-    notify_finished,
-    notify_started,
-)
-from apportion.serve.openai_app import (
-    as_request_error,
-    decode_json,
-    error_object,
-    exception_handlers,
-    model_card,
-    unknown_model,
-)
-from apportion.serve.quota_contract import Charge, InvalidKey, KeyInfo, QuotaExceeded, QuotaStore, QuotaStoreFailed
-from apportion.serve.sse import DONE, ClientGone, EventStreamResponse, event, unless_disconnected
+from apportion.serve.algorithm_admission import Admission, ProcessScorers
+from apportion.serve.algorithm_runs import AlgorithmRun, _error, _json, _result_events, _Ticket
+from apportion.serve.apportion_request import Routing, route
+from apportion.serve.hooks import RequestFinished, RequestObserver, notify_finished
+from apportion.serve.openai_app import as_request_error, exception_handlers, model_card, unknown_model
+from apportion.serve.quota_contract import Charge, QuotaStore
+from apportion.serve.sse import ClientGone, EventStreamResponse, unless_disconnected
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +115,6 @@ class ServeOptions:
                                   f"({self.max_budget}) in {', '.join(over)}")
 
 
-ProcessScorers = Mapping[str, Callable[[], ProcessScorer]]
-
-
 def algorithm_app(backend: Backend, options: ServeOptions | None = None, *, quota: QuotaStore | None = None,
                   observers: Sequence[RequestObserver] = (),
                   process_scorers: ProcessScorers | None = None) -> Starlette:
@@ -168,86 +133,14 @@ def algorithm_app(backend: Backend, options: ServeOptions | None = None, *, quot
     return Starlette(routes=routes, exception_handlers=exception_handlers())
 
 
-@dataclass(slots=True)
-class _Ticket:
-    """One request's state, from arrival until it is closed (once): what runs, what it may spend,
-    the quota reservation to settle, and what the observers are told."""
-
-    request_id: str
-    route: str
-    started: float
-    key: KeyInfo | None = None
-    algorithm: str | None = None
-    stream: bool = False
-    budget: Budget | None = None
-    ledger: Ledger | None = None
-    reserved: bool = False
-    run: AlgorithmRun | None = None
-    closables: list[Any] = field(default_factory=list)
-    status: int = 200
-    outcome: str = "ok"
-    error: str | None = None
-    stream_done: bool = False
-    """The stream ran to its end (otherwise the client went away mid-stream)."""
-    closed: bool = False
-    narrowed: str | None = None
-    """What the key's quota had left where it granted less than the request asked for."""
-
-    def failed(self, err: RequestError) -> None:
-        self.status = err.status
-        self.outcome = "refused" if err.status < 500 else "failed"
-        self.error = err.message
-
-
-class AlgorithmRun:
-    """An algorithm's ``stream`` on a task of its own, its results handed over through a queue.
-    ``close`` cancels the task and waits for it: the ledger's spend is final when it returns."""
-
-    def __init__(self, algorithm: Algorithm, backend: Backend, prompt: Prompt, ledger: Ledger,
-                 seed: int | None) -> None:
-        self._queue: asyncio.Queue[Result | BaseException | None] = asyncio.Queue()
-        self._task = asyncio.create_task(self._drain(algorithm.stream(backend, prompt, ledger, seed=seed)),
-                                         name=f"apportion-{algorithm.name}")
-
-    async def _drain(self, results: AsyncIterator[Result]) -> None:
-        try:
-            async for result in results:
-                self._queue.put_nowait(result)
-        except Exception as exc:  # handed to the reader, who answers the client with it
-            self._queue.put_nowait(exc)
-            return
-        self._queue.put_nowait(None)
-
-    async def next(self) -> Result:
-        item = await self._queue.get()
-        if item is None:
-            raise RuntimeError("the algorithm ended without a final result")
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def final(self) -> Result:
-        result = await self.next()
-        while not result.final:
-            result = await self.next()
-        return result
-
-    async def close(self) -> None:
-        self._task.cancel()
-        await asyncio.wait((self._task,))
-
-
 class _Service:
     def __init__(self, backend: Backend, options: ServeOptions, quota: QuotaStore | None,
                  observers: tuple[RequestObserver, ...], process_scorers: ProcessScorers) -> None:
-        if options.process_scorer is not None and options.process_scorer not in process_scorers:
-            raise ConfigError(f"the default process scorer {options.process_scorer!r} is not among those offered: "
-                              f"{', '.join(process_scorers) or 'none'}")
+        self.admission = Admission(backend, options, quota, observers, process_scorers)
         self.backend = backend
         self.options = options
         self.quota = quota
         self.observers = observers
-        self.process_scorers = process_scorers
         self.served = options.model_name or backend.model
 
     # -- routes ----------------------------------------------------------------------------------
@@ -256,11 +149,11 @@ class _Service:
         return JSONResponse({"status": "ok", "model": self.served})
 
     async def models(self, request: Request) -> JSONResponse:
-        await self._authenticate(request)
+        await self.admission.authenticate(request)
         return JSONResponse({"object": "list", "data": [model_card(self.served)]})
 
     async def model(self, request: Request) -> JSONResponse:
-        await self._authenticate(request)
+        await self.admission.authenticate(request)
         name = request.path_params["model"]
         if name != self.served:
             raise unknown_model(name, self.served)
@@ -290,15 +183,15 @@ class _Service:
             if err.status >= 500:
                 log.log(logging.ERROR if err.status == 500 else logging.WARNING, "%s: %s", ticket.request_id,
                         err.message, exc_info=err.status == 500)
-            return self._error(err, ticket)
+            return _error(err, ticket)
         finally:
             if not streaming:
                 with anyio.CancelScope(shield=True):  # a server shutting down still settles what was spent
                     await self._close(ticket)
 
     async def _handle(self, request: Request, ticket: _Ticket) -> Response:
-        ticket.key = await self._authenticate(request)
-        body = await self._read_body(request)
+        ticket.key = await self.admission.authenticate(request)
+        body = await self.admission.read_body(request)
         routing = route(body, self.served)
         if routing.model is not None and routing.model != self.served:
             raise unknown_model(routing.model, self.served)
@@ -311,9 +204,9 @@ class _Service:
         return await self._algorithm(request, ticket, parsed, routing, echo)
 
     async def _plain(self, request: Request, ticket: _Ticket, parsed: ParsedRequest, echo: str) -> Response:
-        budget = self._capped(Budget(generations=parsed.params.n), ticket.key)
-        worst = await self._worst_tokens(parsed)
-        ledger = await self._admit(ticket, budget, worst, None)
+        budget = self.admission.capped(Budget(generations=parsed.params.n), ticket.key)
+        worst = await self.admission.worst_tokens(parsed)
+        ledger = await self.admission.admit(ticket, budget, worst, None)
         lm = MeteredLM(self.backend, ledger)
         completion = await unless_disconnected(request.receive, lm.generate(parsed.prompt, parsed.params))
         shape = Shape(ticket.route == "chat", ticket.request_id, echo, parsed)
@@ -321,7 +214,7 @@ class _Service:
         extra = {"algorithm": None, "budget": ledger.budget.limits(), "spent": spent.to_dict(),
                  "request_id": ticket.request_id, "notes": list(completion.notes)}
         if not parsed.stream:
-            return self._json(shape.plain_body(completion, extra, usage_counts(spent)), ticket)
+            return _json(shape.plain_body(completion, extra, usage_counts(spent)), ticket)
         return self._stream(ticket, shape.plain_events(completion, extra, usage_counts(spent)))
 
     async def _algorithm(self, request: Request, ticket: _Ticket, parsed: ParsedRequest, routing: Routing,
@@ -336,201 +229,21 @@ class _Service:
         if parsed.params.ignore_eos:
             raise RequestError("ignore_eos is not supported under an algorithm: its samples must end where the model "
                                "ends them to be read", param="ignore_eos", code="unsupported_parameter")
-        algorithm = self._make(choice, self._sampling(parsed), ticket)
-        budget = self._capped(choice.budget or self.options.default_budget, ticket.key)
-        ledger = await self._admit(ticket, budget, None, algorithm)
-        run = ticket.run = AlgorithmRun(algorithm, self.backend, self._prompt(parsed.prompt, algorithm), ledger,
-                                        parsed.params.seed)
+        algorithm = self.admission.make(choice, self.admission.sampling(parsed), ticket)
+        budget = self.admission.capped(choice.budget or self.options.default_budget, ticket.key)
+        ledger = await self.admission.admit(ticket, budget, None, algorithm)
+        run = ticket.run = AlgorithmRun(algorithm, self.backend, self.admission.prompt(parsed.prompt, algorithm),
+                                        ledger, parsed.params.seed)
         shape = Shape(ticket.route == "chat", ticket.request_id, echo, parsed)
         if not parsed.stream:
             result = await unless_disconnected(request.receive, run.final())
-            return self._json(result_body(shape, result, choice), ticket)
+            return _json(result_body(shape, result, choice), ticket)
         first = await unless_disconnected(request.receive, run.next())
         if first.final:
             answered(first)  # refused as a whole response, before any event
-        return self._stream(ticket, self._result_events(ticket, shape, choice, run, first))
-
-    async def _result_events(self, ticket: _Ticket, shape: Shape, choice: AlgorithmChoice, run: AlgorithmRun,
-                             result: Result) -> AsyncGenerator[bytes, None]:
-        try:
-            yield shape.chunk(shape.delta(role=True), apportion=None if result.final else interim_field(result))
-            while not result.final:
-                result = await run.next()
-                if not result.final:
-                    yield shape.chunk(shape.delta(), apportion=interim_field(result))
-            chosen = answered(result)
-            yield shape.chunk(shape.delta(text=result.response or "", logprobs=chosen.logprobs if chosen else None))
-            final = apportion_field(result, shape.request_id, choice)
-            yield shape.chunk(shape.delta(finish=finish_reason(chosen)), apportion=final)
-            if shape.parsed.include_usage:
-                yield shape.usage_chunk(usage_counts(result.spent))
-            yield DONE
-        except Exception as exc:
-            err = as_request_error(exc)
-            ticket.outcome, ticket.error = "refused" if err.status < 500 else "failed", err.message
-            yield event(error_object(err))
-
-    # -- the parts of a request ------------------------------------------------------------------
-
-    async def _authenticate(self, request: Request) -> KeyInfo | None:
-        if self.quota is None:
-            return None
-        scheme, _, secret = request.headers.get("authorization", "").partition(" ")
-        challenge = {"WWW-Authenticate": "Bearer"}
-        if scheme.lower() != "bearer" or not secret.strip():
-            raise RequestError("this server needs an API key: send the header Authorization: Bearer <key>",
-                               status=401, code="invalid_api_key", headers=challenge)
-        try:
-            return await self.quota.authenticate(secret.strip())
-        except InvalidKey as exc:
-            raise RequestError(f"invalid API key: {exc}", status=401, code="invalid_api_key",
-                               headers=challenge) from None
-        except QuotaStoreFailed as exc:
-            raise _store_unavailable(exc) from None
-
-    async def _read_body(self, request: Request) -> dict[str, Any]:
-        limit = self.options.max_body_bytes
-        too_large = RequestError(f"the request body is larger than this server's limit of {limit} bytes",
-                                 status=413, code="request_too_large")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-        return decode_json(b"".join(chunks))
-
-    def _capped(self, budget: Budget, key: KeyInfo | None) -> Budget:
-        maxima = [(self.options.max_budget, "this server's"), (key.max_request if key else None, "this key's")]
-        return cap(budget, [(maximum, whose) for maximum, whose in maxima if maximum is not None])
-
-    def _sampling(self, parsed: ParsedRequest) -> SamplingOptions:
-        """The server's sampling, with what the request set."""
-        base, params, given = self.options.sampling, parsed.params, parsed.given
-        changes: dict[str, Any] = {}
-        if given & {"max_tokens", "max_completion_tokens"}:
-            changes["max_tokens"] = params.max_tokens
-            changes["min_tokens"] = min(base.min_tokens, params.max_tokens)
-        for name in ("temperature", "top_p", "stop"):
-            if name in given:
-                changes[name] = getattr(params, name)
-        try:
-            return replace(base, **changes)
-        except ConfigError as exc:
-            raise RequestError(str(exc), param=str(exc).split(" ", 1)[0]) from None
-
-    def _make(self, choice: AlgorithmChoice, sampling: SamplingOptions, ticket: _Ticket) -> Algorithm:
-        scorer_name = choice.scorer or self.options.scorer
-        if scorer_name not in SCORERS:
-            raise RequestError(f"unknown scorer {scorer_name!r}; known: {', '.join(sorted(SCORERS))}",
-                               param="apportion.scorer")
-        try:
-            stopping = parse_stop(choice.stop) if choice.stop is not None else None
-        except ConfigError as exc:
-            raise RequestError(f"apportion.stop: {exc}", param="apportion.stop") from None
-        process_name = choice.process_scorer
-        if process_name is None and takes_process_scorer(choice.algorithm):
-            process_name = self.options.process_scorer
-        if process_name is not None and process_name not in self.process_scorers:
-            raise RequestError(f"unknown process scorer {process_name!r}; this server offers: "
-                               f"{', '.join(self.process_scorers) or 'none'}", param="apportion.process_scorer")
-        if choice.answers is not None:
-            try:
-                sampling = replace(sampling, answers=parse_answer_mode(choice.answers))
-            except ConfigError as exc:
-                raise RequestError(f"apportion.answers: {exc}", param="apportion.answers") from None
-        scorer = SCORERS[scorer_name]()
-        process = self.process_scorers[process_name]() if process_name is not None else None
-        ticket.closables.extend(x for x in (scorer, process) if x is not None)
-        try:
-            algorithm = make_algorithm(choice.algorithm, sampling, scorer, stopping, process_scorer=process,
-                                       settings=dict(choice.settings) or None)
-        except ConfigError as exc:
-            raise RequestError(f"{choice.algorithm}: {exc}", param="apportion") from None
-        if needs_process_scorer(algorithm) and process is None:
-            raise RequestError(f"{choice.algorithm} needs apportion.process_scorer, what rates each step; this server "
-                               f"offers: {', '.join(self.process_scorers) or 'none'}", param="apportion.process_scorer")
-        return algorithm
-
-    def _prompt(self, prompt: Prompt, algorithm: Algorithm) -> Prompt:
-        """The algorithm's instruction first, in a chat that has no system message of its own."""
-        instruction = _instruction(algorithm) if self.options.sampling.system_prompt is not None else None
-        if not instruction or not prompt.is_chat or any(m.role == "system" for m in prompt.messages):
-            return prompt
-        return Prompt((Message("system", instruction), *prompt.messages), None, prompt.assistant_prefix)
-
-    async def _worst_tokens(self, parsed: ParsedRequest) -> int:
-        """The most a plain call can spend: its prompt once per request, and every sample at max_tokens."""
-        params = parsed.params
-        requests = 1 if params.n == 1 or self.backend.capabilities.native_n else params.n
-        return await self.backend.prompt_tokens(parsed.prompt) * requests + params.n * params.max_tokens
-
-    async def _admit(self, ticket: _Ticket, budget: Budget, worst_tokens: int | None,
-                     algorithm: Algorithm | None) -> Ledger:
-        """The run's ledger, under the key's quota grant where there are quotas."""
-        check_budget_can_bind(budget, self.backend, algorithm)  # before reserving: a grant only narrows it
-        if self.quota is not None and ticket.key is not None:
-            want = self._want(budget, worst_tokens)
-            try:
-                grant = await self.quota.reserve(ticket.key, ticket.request_id, want)
-            except QuotaExceeded as exc:
-                raise RequestError(str(exc), status=429, type="insufficient_quota", code=f"{exc.quota}_quota_exceeded",
-                                   headers=_retry_after(exc.resets_at, exc.retry_after_s)) from None
-            except QuotaStoreFailed as exc:
-                raise _store_unavailable(exc) from None
-            ticket.reserved = True
-            if grant.tokens < want.tokens or grant.usd < want.usd:
-                ticket.narrowed = (f"the key's quota had {grant.tokens} tokens"
-                                   + (f" and ${float(grant.usd):.6g}" if want.usd else "") + " left this period")
-            budget = _within(budget, want, grant)
-        ticket.budget = budget
-        ticket.ledger = Ledger(budget)
-        notify_started(self.observers, RequestStarted(ticket.request_id, ticket.route, ticket.algorithm, budget,
-                                                      ticket.key.key_id if ticket.key else None, ticket.stream))
-        return ticket.ledger
-
-    def _want(self, budget: Budget, worst_tokens: int | None) -> Charge:
-        """What to reserve of a quota: the budget's tokens (or the server's per-request default) and
-        the dollars they can cost at most, or the budget's dollars where fewer."""
-        tokens = budget.total_tokens if budget.total_tokens is not None else self.options.max_request_tokens
-        if worst_tokens is not None:
-            tokens = min(tokens, worst_tokens)
-        price = self.backend.price
-        usd = tokens * max(price.per_input_token(), price.per_output_token())
-        if budget.usd is not None:
-            usd = min(usd, to_fraction(budget.usd)) if usd else to_fraction(budget.usd)
-        return Charge(tokens=tokens, usd=usd, requests=1)
+        return self._stream(ticket, _result_events(ticket, shape, choice, run, first))
 
     # -- responses -------------------------------------------------------------------------------
-
-    def _json(self, body: dict[str, Any], ticket: _Ticket) -> JSONResponse:
-        return JSONResponse(body, headers={"x-request-id": ticket.request_id})
-
-    def _error(self, err: RequestError, ticket: _Ticket) -> JSONResponse:
-        if err.code == "budget_too_small" and ticket.narrowed is not None:
-            # Too small because the quota is nearly spent: the quota's refusal, not the request's fault
-            # (a plain call's refusal is the ledger's BudgetExhausted, not a RunError).
-            message = f"{ticket.narrowed}, too few for this request ({err.message})"
-            err = (RunError(message, err.result, status=429, type="insufficient_quota", code="quota_too_small")
-                   if isinstance(err, RunError) else
-                   RequestError(message, status=429, type="insufficient_quota", code="quota_too_small"))
-            ticket.failed(err)
-        headers = {**err.headers, "x-request-id": ticket.request_id}
-        body = error_object(err)
-        if isinstance(err, RunError):  # it ran: what it spent
-            body["apportion"] = {"request_id": ticket.request_id, "algorithm": err.result.algorithm,
-                                 "budget": err.result.budget.limits(), "spent": err.result.spent.to_dict(),
-                                 "exhausted_reason": err.result.exhausted_reason, "error": err.result.error}
-        elif ticket.ledger is not None:
-            # Admitted, then failed (a plain call whose backend timed out may be billed): the spend the
-            # key is charged with is in the body too, so a client's own count can match its quota's.
-            body["apportion"] = {"request_id": ticket.request_id, "algorithm": ticket.algorithm,
-                                 "budget": ticket.ledger.budget.limits(), "spent": ticket.ledger.spend().to_dict(),
-                                 "error": err.message}
-        return JSONResponse(body, status_code=err.status, headers=headers)
 
     def _stream(self, ticket: _Ticket, events: AsyncGenerator[bytes, None]) -> EventStreamResponse:
         async def tracked() -> AsyncGenerator[bytes, None]:
@@ -569,52 +282,3 @@ class _Service:
             ticket.request_id, ticket.route, ticket.algorithm, ticket.key.key_id if ticket.key else None,
             ticket.stream, ticket.status, ticket.outcome, time.monotonic() - ticket.started, spent, ticket.budget,
             ticket.error))
-
-
-# -- helpers ---------------------------------------------------------------------------------------
-
-
-def _store_unavailable(exc: QuotaStoreFailed) -> RequestError:
-    # Nothing ran and nothing was reserved: the client may retry once the store is back.
-    return RequestError(f"the key and quota store is unavailable: {exc}", status=503, type="server_error",
-                        code="quota_store_unavailable", headers={"Retry-After": "5"})
-
-
-def _within(budget: Budget, want: Charge, grant: Charge) -> Budget:
-    """``budget`` limited to a quota's grant (the run can then not spend past it)."""
-    if grant.tokens <= 0 or (want.usd > 0 and grant.usd <= 0):
-        raise RequestError("this key's quota has nothing left for this request", status=429, type="insufficient_quota",
-                           code="quota_exceeded")
-    changes: dict[str, Any] = {}
-    if budget.total_tokens is None or grant.tokens < budget.total_tokens:
-        changes["total_tokens"] = grant.tokens
-    if want.usd > 0 and (grant.usd < want.usd or budget.usd is not None):
-        limit = grant.usd if budget.usd is None else min(grant.usd, to_fraction(budget.usd))
-        changes["usd"] = _float_at_most(limit)
-    return replace(budget, **changes) if changes else budget
-
-
-def _float_at_most(value: Fraction) -> float:
-    """The largest float whose exact money value (``to_fraction``) does not exceed ``value``."""
-    out = float(value)
-    while to_fraction(out) > value:
-        out = math.nextafter(out, 0.0)
-    return out
-
-
-def _retry_after(resets_at: datetime | None, retry_after_s: float | None = None) -> dict[str, str]:
-    if retry_after_s is not None:
-        return {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
-    if resets_at is None:
-        return {}
-    now = datetime.now(resets_at.tzinfo)
-    return {"Retry-After": str(max(1, math.ceil((resets_at - now).total_seconds())))}
-
-
-def _instruction(algorithm: Algorithm) -> str | None:
-    """The system prompt the algorithm asks its questions with (a planning run: its base's)."""
-    base = algorithm.base if isinstance(algorithm, Planning) else algorithm
-    sampling = getattr(getattr(base, "options", None), "sampling", None)
-    return sampling.system_prompt if isinstance(sampling, SamplingOptions) else None
-
-

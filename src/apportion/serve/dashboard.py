@@ -12,9 +12,9 @@ elsewhere) polling three JSON endpoints:
   (``GET /dashboard/runs/{index}/plot.png``, drawn by the report's own plotting on first use and
   cached until its ``summary.json`` changes).
 
-``RequestLog`` is the ``RequestObserver`` behind the first two: a ring buffer of finished requests,
-the requests in flight, and one tally per key and per algorithm, all bounded (keys are the store's,
-algorithms the registry's; error texts are cut short).
+The parts: ``dashboard_log`` (``RequestLog``, the ``RequestObserver`` behind the first two) and
+``dashboard_runs`` (``RunPlots``, the third and its plots); here the options, the routes and who may
+look.
 
 Who may look (``Dashboard.routes``): with ``DashboardOptions.token`` set, only a client holding it,
 as the ``Authorization: Bearer`` header or the cookie that ``/?token=...`` sets (an HttpOnly,
@@ -30,19 +30,12 @@ import hmac
 import html
 import ipaddress
 import logging
-import tempfile
-import threading
-import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from fractions import Fraction
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -51,19 +44,16 @@ from starlette.types import ASGIApp
 
 from apportion.errors import ConfigError
 from apportion.serve._requests import RequestError
-from apportion.serve.hooks import OUTCOMES, RequestFinished, RequestStarted
+from apportion.serve.dashboard_log import RequestLog, Tally
+from apportion.serve.dashboard_runs import RunPlots
 from apportion.serve.openai_app import error_object
 
-if TYPE_CHECKING:
-    from apportion.bench.report import Curve, Summary
+__all__ = ["COOKIE", "Dashboard", "DashboardOptions", "RequestLog", "RunPlots", "Tally", "with_dashboard"]
 
 log = logging.getLogger(__name__)
 
 COOKIE = "apportion_dashboard"
 """The cookie holding the dashboard token once ``/?token=...`` was opened."""
-
-_ERROR_CHARS = 300
-"""Error texts kept per request: they may quote a client's input, which can be a megabyte."""
 
 _ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
 
@@ -100,257 +90,6 @@ class DashboardOptions:
             raise ConfigError(f"the dashboard's refresh must be between 0.1 and 3600 seconds, not {self.refresh_s}")
         if self.token is not None and (not self.token or self.token != self.token.strip() or len(self.token) < 8):
             raise ConfigError("the dashboard token must be at least 8 characters, without surrounding spaces")
-
-
-# -- the request log (the observer) ------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Tally:
-    """Requests and what they spent, for one key, one algorithm, or all."""
-
-    requests: int = 0
-    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
-    generations: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    usd: Fraction = Fraction(0)
-    latency_s: float = 0.0
-
-    def add(self, event: RequestFinished) -> None:
-        self.requests += 1
-        self.outcomes[event.outcome] = self.outcomes.get(event.outcome, 0) + 1
-        self.generations += event.spent.generations
-        self.input_tokens += event.spent.input_tokens
-        self.output_tokens += event.spent.output_tokens
-        self.usd += event.spent.usd
-        self.latency_s += event.latency_s
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"requests": self.requests, **self.outcomes, "generations": self.generations,
-                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "total_tokens": self.input_tokens + self.output_tokens, "usd": float(self.usd),
-                "mean_latency_s": round(self.latency_s / self.requests, 6) if self.requests else None}
-
-
-@dataclass(frozen=True, slots=True)
-class _Live:
-    event: RequestStarted
-    at: float
-    """Wall-clock time it started (for the page); ``since`` the monotonic one (for its age)."""
-    since: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Done:
-    event: RequestFinished
-    at: float
-
-
-class RequestLog:
-    """A ``RequestObserver`` keeping what the dashboard shows, in bounded memory: the requests in
-    flight, the last ``recent`` finished ones, and a tally per key and per algorithm.
-
-    Observers are called on the server's event loop, but a snapshot may be taken from any thread
-    (an app embedding the server, a test), so a lock guards the state: each call holds it for
-    microseconds."""
-
-    def __init__(self, recent: int = 100, *, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
-        if recent < 1:
-            raise ConfigError(f"the request log keeps at least 1 finished request, not {recent}")
-        self._clock = clock
-        self._monotonic = monotonic
-        self._lock = threading.Lock()
-        self._in_flight: dict[str, _Live] = {}
-        self._recent: deque[_Done] = deque(maxlen=recent)
-        self._finished = 0
-        self._total = Tally()
-        self._by_key: dict[str | None, Tally] = {}
-        self._by_algorithm: dict[str | None, Tally] = {}
-        self._since = clock()
-
-    @property
-    def capacity(self) -> int:
-        return self._recent.maxlen or 0
-
-    def request_started(self, event: RequestStarted) -> None:
-        with self._lock:
-            self._in_flight[event.request_id] = _Live(event, self._clock(), self._monotonic())
-
-    def request_finished(self, event: RequestFinished) -> None:
-        if event.error is not None and len(event.error) > _ERROR_CHARS:
-            event = _shortened(event)
-        with self._lock:
-            self._in_flight.pop(event.request_id, None)
-            self._recent.append(_Done(event, self._clock()))
-            self._finished += 1
-            self._total.add(event)
-            self._by_key.setdefault(event.key_id, Tally()).add(event)
-            self._by_algorithm.setdefault(event.algorithm, Tally()).add(event)
-
-    def requests(self) -> dict[str, Any]:
-        """``/dashboard/api/requests``: in flight (oldest first), then the recent finished (newest first)."""
-        with self._lock:
-            now = self._monotonic()
-            live = sorted(self._in_flight.values(), key=lambda x: x.since)
-            in_flight = [{**_identity(x.event), "budget": x.event.budget.limits(), "started_at": _iso(x.at),
-                          "elapsed_s": round(now - x.since, 3)} for x in live]
-            recent = [_finished(x) for x in reversed(self._recent)]
-            return {"in_flight": in_flight, "recent": recent, "capacity": self.capacity,
-                    "finished_total": self._finished}
-
-    def spend(self) -> dict[str, Any]:
-        """``/dashboard/api/spend``: the tallies since the server started, dearest first."""
-        with self._lock:
-            return {"since": _iso(self._since), "total": self._total.to_dict(),
-                    "by_key": [{"key_id": k, **t.to_dict()} for k, t in _dearest(self._by_key)],
-                    "by_algorithm": [{"algorithm": a, **t.to_dict()} for a, t in _dearest(self._by_algorithm)]}
-
-
-def _shortened(event: RequestFinished) -> RequestFinished:
-    assert event.error is not None
-    return RequestFinished(event.request_id, event.route, event.algorithm, event.key_id, event.stream, event.status,
-                           event.outcome, event.latency_s, event.spent, event.budget,
-                           event.error[:_ERROR_CHARS] + "…")
-
-
-def _identity(event: RequestStarted | RequestFinished) -> dict[str, Any]:
-    return {"request_id": event.request_id, "route": event.route, "algorithm": event.algorithm,
-            "key_id": event.key_id, "stream": event.stream}
-
-
-def _finished(done: _Done) -> dict[str, Any]:
-    e = done.event
-    spent = e.spent
-    return {**_identity(e), "status": e.status, "outcome": e.outcome, "latency_s": round(e.latency_s, 6),
-            "finished_at": _iso(done.at), "budget": e.budget.limits() if e.budget is not None else None,
-            "spent": {"generations": spent.generations, "input_tokens": spent.input_tokens,
-                      "output_tokens": spent.output_tokens, "total_tokens": spent.total_tokens,
-                      "usd": float(spent.usd)},
-            "error": e.error}
-
-
-def _dearest(tallies: dict[str | None, Tally]) -> list[tuple[str | None, Tally]]:
-    return sorted(tallies.items(), key=lambda kv: (-kv[1].usd, -(kv[1].input_tokens + kv[1].output_tokens),
-                                                   -kv[1].requests, kv[0] or ""))
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-# -- benchmark runs ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Run:
-    stamp: tuple[int, int]
-    """(mtime in ns, size) of the summary it was read from: a run rewritten since is read again."""
-    summary: Summary
-    curves: list[Curve]
-    plot: bytes | None = None
-
-
-class RunPlots:
-    """Benchmark runs read with the report's own loading (``bench.report.load_summary``, ``build_curves``)
-    and drawn with its plots: accuracy against mean tokens per question, or against generations where
-    the rows have no token counts. Each is read at start-up (a bad directory is a ``ConfigError`` then),
-    and again when its ``summary.json`` changes (a run still being written); a run that became
-    unreadable shows its error instead of its curves."""
-
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self._paths = tuple(_summary_path(Path(p)) for p in paths)
-        self._runs: dict[int, _Run] = {}
-        # held in worker threads around reading and drawing: two requests must not draw one plot
-        # twice, and matplotlib's rc_context changes process-wide settings while it draws
-        self._lock = threading.Lock()
-        for index in range(len(self._paths)):
-            self._read(index)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    async def describe(self) -> list[dict[str, Any]]:
-        return await anyio.to_thread.run_sync(self._describe)
-
-    async def plot(self, index: int) -> bytes:
-        """The run's plot as PNG; ``IndexError`` for no such run, ``ConfigError`` for one unreadable now."""
-        return await anyio.to_thread.run_sync(self._plot, index)
-
-    def _describe(self) -> list[dict[str, Any]]:
-        out = []
-        for index, path in enumerate(self._paths):
-            entry: dict[str, Any] = {"index": index, "path": str(path.parent if path.name == "summary.json" else path)}
-            try:
-                with self._lock:
-                    run = self._read(index)
-            except (ConfigError, OSError) as exc:
-                out.append({**entry, "error": str(exc), "curves": [], "plot": None})
-                continue
-            s = run.summary
-            tokens = _has_tokens(s)
-            out.append({**entry, "run": s.run, "dataset": s.dataset, "model": s.model, "backend": s.backend,
-                        "questions": s.questions, "created": s.created, "error": None,
-                        "x_axis": "tokens" if tokens else "generations",
-                        "plot": f"dashboard/runs/{index}/plot.png?v={run.stamp[0]}-{run.stamp[1]}",
-                        "curves": [_curve(c) for c in run.curves]})
-        return out
-
-    def _plot(self, index: int) -> bytes:
-        if not 0 <= index < len(self._paths):
-            raise IndexError(index)
-        with self._lock:
-            run = self._read(index)
-            if run.plot is None:
-                run = _Run(run.stamp, run.summary, run.curves, _draw(run.summary, run.curves))
-                self._runs[index] = run
-            assert run.plot is not None
-            return run.plot
-
-    def _read(self, index: int) -> _Run:
-        """The run, read again if its summary changed (the caller holds the lock, or is the constructor)."""
-        from apportion.bench.report import build_curves, load_summary  # matplotlib: only for servers with runs
-
-        path = self._paths[index]
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise ConfigError(f"no summary.json at {path}: give a directory `apportion bench` wrote") from None
-        except OSError as exc:
-            raise ConfigError(f"benchmark run {path}: {exc.strerror or exc}") from None
-        stamp = (st.st_mtime_ns, st.st_size)
-        cached = self._runs.get(index)
-        if cached is not None and cached.stamp == stamp:
-            return cached
-        summary = load_summary(path)
-        run = self._runs[index] = _Run(stamp, summary, build_curves(summary.rows))
-        return run
-
-
-def _summary_path(path: Path) -> Path:
-    return path / "summary.json" if path.is_dir() else path
-
-
-def _has_tokens(summary: Summary) -> bool:
-    return any(r.tokens is not None and r.tokens > 0 for r in summary.rows)
-
-
-def _curve(curve: Curve) -> dict[str, Any]:
-    return {"label": curve.label, "color": curve.color, "peer": curve.peer,
-            "points": [{"budget": r.budget, "accuracy": r.accuracy, "ci_low": r.ci_low, "ci_high": r.ci_high,
-                        "generations": r.mean_generations, "tokens": r.tokens, "usd": r.usd} for r in curve.rows]}
-
-
-def _draw(summary: Summary, curves: list[Curve]) -> bytes:
-    import matplotlib
-
-    from apportion.bench.report import STYLE, plot_accuracy_vs_budget, plot_accuracy_vs_tokens
-
-    draw = plot_accuracy_vs_tokens if _has_tokens(summary) else plot_accuracy_vs_budget
-    # the report's plots write files; a private directory keeps concurrent servers apart
-    with tempfile.TemporaryDirectory(prefix="apportion-dashboard-") as tmp, matplotlib.rc_context(STYLE):
-        return draw(summary, curves, Path(tmp) / "plot.png").read_bytes()
 
 
 # -- the routes ----------------------------------------------------------------------------------------
