@@ -114,6 +114,24 @@ class RunContext:
     def fail(self, exc: BaseException) -> None:
         self.error = self.error or str(exc)
 
+    async def request(self, lm: MeteredLM, prompt: Prompt, params: SamplingParams,
+                      min_tokens: int) -> tuple[Completion | None, bool]:
+        """One request for a piece of this run (a step, a debate turn): its completion (None where
+        the budget refused it or it failed) and whether the budget refused it. A failure ends the
+        run (``fail``); a sample the deadline cut ends it at the deadline."""
+        try:
+            completion = await lm.generate(prompt, params, min_tokens=min_tokens)
+        except BudgetExhausted:
+            return None, True
+        except BackendError as exc:
+            self.fail(exc)
+            return None, False
+        if completion.error is not None:
+            self.fail(completion.error)
+        if any(x.finish_reason == "deadline" for x in completion.samples):
+            self.stop_reason = "deadline"
+        return completion, False
+
     def candidate(self, sample: Sample) -> Candidate:
         return self.candidates((sample,))[0]
 

@@ -39,7 +39,7 @@ from apportion.algorithms.voting import tally
 from apportion.answers.equivalence import Equivalence
 from apportion.budget.ledger import Ledger, Remaining
 from apportion.budget.units import Budget, Spend
-from apportion.errors import BackendError, BudgetExhausted, ConfigError
+from apportion.errors import ConfigError
 from apportion.lm.base import Backend, Completion, Message, Prompt, Sample, SamplingParams
 from apportion.lm.metered import MeteredLM
 from apportion.result import Candidate, Result, SearchStats
@@ -203,18 +203,8 @@ class _Debate:
             n=n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, stop=s.stop,
             seed=None if ctx.seed is None else ctx.seed + _SEED_STRIDE * self.rounds + offset,
             logprobs=s.logprobs and ctx.lm.backend.capabilities.logprobs)
-        try:
-            completion = await self.turns.generate(prompt, params, min_tokens=s.min_tokens)
-        except BudgetExhausted:
-            self.refused = True
-            return None
-        except BackendError as exc:
-            ctx.fail(exc)
-            return None
-        if completion.error is not None:
-            ctx.fail(completion.error)
-        if any(x.finish_reason == "deadline" for x in completion.samples):
-            ctx.stop_reason = "deadline"
+        completion, refused = await ctx.request(self.turns, prompt, params, s.min_tokens)
+        self.refused = self.refused or refused
         return completion
 
     def _release(self, count: int) -> None:

@@ -405,18 +405,8 @@ class StepSearch:
             seed=None if ctx.seed is None else ctx.seed + _SEED_STRIDE * self.rounds + offset,
             logprobs=s.logprobs and ctx.lm.backend.capabilities.logprobs)
         prompt = ctx.prompt.continued(self.steps.prefix(parents[0].steps))
-        try:
-            completion = await self._more.generate(prompt, params, min_tokens=min(s.min_tokens, max_tokens))
-        except BudgetExhausted:
-            self.refused = True
-            return None
-        except BackendError as exc:
-            ctx.fail(exc)
-            return None
-        if completion.error is not None:
-            ctx.fail(completion.error)
-        if any(x.finish_reason == "deadline" for x in completion.samples):
-            ctx.stop_reason = "deadline"
+        completion, refused = await ctx.request(self._more, prompt, params, min(s.min_tokens, max_tokens))
+        self.refused = self.refused or refused
         return completion
 
     def _share(self, completion: Completion, members: list[int], ks: list[int],
