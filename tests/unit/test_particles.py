@@ -29,12 +29,23 @@ from apportion.algorithms.particle_filtering import (
 )
 from apportion.algorithms.steps import SearchOptions, StepOptions
 from apportion.budget.ledger import Ledger
-from apportion.budget.units import Budget, Price, to_fraction
+from apportion.budget.units import Budget, Price
 from apportion.errors import ConfigError
 from apportion.lm.base import Prompt, SamplingParams
 from apportion.lm.scripted import ScriptedBackend
 from tests.conftest import examples
-from tests.unit.test_search import QUESTION, STEP_TEXTS, D, TableScorer, budgets, by_depth, random_tree, tree_backend
+from tests.unit.test_search import (
+    QUESTION,
+    STEP_TEXTS,
+    D,
+    TableScorer,
+    budgets,
+    by_depth,
+    check_search_within_budget,
+    random_tree,
+    search_width,
+    tree_backend,
+)
 
 # The right path: "Multiply 6 by 7." -> "6 * 7 = 42." -> "The answer is 42." (what the model
 # writes after each prefix, by sample index, cycled; unknown prefixes answer 13)
@@ -349,23 +360,4 @@ def test_no_limit_is_ever_exceeded_and_every_candidate_is_one_generation(
                  else ParticleFiltering(ParticleFilteringOptions(**common), process_scorer=scorer))
     ledger = Ledger(budget)
     result = asyncio.run(algorithm.run(lm, QUESTION, ledger, seed=3))
-    spent = result.spent
-
-    assert not spent.violations(budget)
-    if budget.generations is not None:
-        assert spent.generations <= budget.generations
-        assert ledger.remaining().generations == budget.generations - spent.generations  # no hold left behind
-    if budget.usd is not None:
-        assert spent.usd <= to_fraction(budget.usd)
-    gen = budget.generations
-    n = width if width is not None else (8 if gen is None else gen)
-    if gen is not None:
-        n = min(n, gen)
-    assert spent.generations == len(result.candidates) <= n
-    assert spent.generations == 0 or all(c.steps is not None for c in result.candidates)
-    s = result.search
-    assert s.requests == sum(1 for r in result.trace if r.kind == "continuation")
-    assert s.scoring_calls == sum(1 for r in result.trace if r.kind == "scorer")
-    assert s.steps <= s.round_trips <= 2 * s.steps
-    assert all(c.params.n <= n for c in lm.calls)
-    assert all(len(c.steps or ()) <= max_steps for c in result.candidates)
+    check_search_within_budget(result, ledger, budget, search_width(budget, width), lm, max_steps)

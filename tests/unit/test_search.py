@@ -531,18 +531,28 @@ def test_no_limit_is_ever_exceeded_and_every_candidate_is_one_generation(
     ledger = Ledger(budget)
     result = asyncio.run(make_algorithm(algorithm, sampling, process_scorer=scorer, search=search)
                          .run(lm, QUESTION, ledger, seed=3))
-    spent = result.spent
+    check_search_within_budget(result, ledger, budget, search_width(budget, width), lm, max_steps)
 
+
+def search_width(budget: Budget, width: int | None) -> int:
+    """N as a search takes it: ``width`` (8 if unset) within the budget's generations."""
+    gen = budget.generations
+    n = width if width is not None else (8 if gen is None else gen)
+    return n if gen is None else min(n, gen)
+
+
+def check_search_within_budget(result, ledger: Ledger, budget: Budget, n: int, lm: ScriptedBackend,
+                               max_steps: int) -> None:
+    """What every step-wise search's budget property checks of one run: no limit passed, no hold
+    left behind, one generation per finished path (at most N), every request and scoring call in
+    the trace and the round trips adding up, no request wider than N, no path past max_steps."""
+    spent = result.spent
     assert not spent.violations(budget)
     if budget.generations is not None:
         assert spent.generations <= budget.generations
         assert ledger.remaining().generations == budget.generations - spent.generations  # no hold left behind
     if budget.usd is not None:
         assert spent.usd <= to_fraction(budget.usd)
-    gen = budget.generations
-    n = width if width is not None else (8 if gen is None else gen)
-    if gen is not None:
-        n = min(n, gen)
     assert spent.generations == len(result.candidates) <= n
     assert spent.generations == 0 or all(c.steps is not None for c in result.candidates)
     # every step request is a continuation, every scoring call a scorer call; round trips add up

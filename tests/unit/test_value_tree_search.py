@@ -20,11 +20,21 @@ from apportion.algorithms.value_tree_search import (
     token_pool,
 )
 from apportion.budget.ledger import Ledger
-from apportion.budget.units import Budget, Price, to_fraction
+from apportion.budget.units import Budget, Price
 from apportion.errors import ConfigError
 from apportion.lm.scripted import ScriptedBackend
 from tests.conftest import examples
-from tests.unit.test_search import QUESTION, STEP_TEXTS, TableScorer, budgets, by_depth, random_tree, tree_backend
+from tests.unit.test_search import (
+    QUESTION,
+    STEP_TEXTS,
+    TableScorer,
+    budgets,
+    by_depth,
+    check_search_within_budget,
+    random_tree,
+    search_width,
+    tree_backend,
+)
 
 D = "\n\n"
 GOOD = ("Multiply 6 by 7.", "6 * 7 = 42.", "The answer is 42.")
@@ -311,10 +321,7 @@ def test_no_limit_is_ever_exceeded_and_the_steps_never_pass_the_pool(
                                                            max_step_tokens=6),
                                      branching=branching, gamma=gamma, width=width)
     ledger = Ledger(budget)
-    gen = budget.generations
-    n = width if width is not None else (8 if gen is None else gen)
-    if gen is not None:
-        n = min(n, gen)
+    n = search_width(budget, width)
     pool = token_pool(ledger, sampling, n)
     trees: list[ShareTree] = []
 
@@ -326,25 +333,12 @@ def test_no_limit_is_ever_exceeded_and_the_steps_never_pass_the_pool(
     with pytest.MonkeyPatch.context() as patch:  # to see the tree the search ran on
         patch.setattr(value_tree_search, "ShareTree", Kept)
         result = asyncio.run(ValueTreeSearch(options, process_scorer=scorer).run(lm, QUESTION, ledger, seed=3))
-    spent = result.spent
     [tree] = trees
     nodes = tree.root.subtree()
     assert tree.pool == pool
     assert all(node.subtree_spent() <= node.share for node in nodes)
     assert sum(node.spent for node in nodes) == step_output(result) <= pool
 
-    assert not spent.violations(budget)
-    if gen is not None:
-        assert ledger.remaining().generations == gen - spent.generations  # no hold left behind
-    if budget.usd is not None:
-        assert spent.usd <= to_fraction(budget.usd)
-    assert spent.generations == len(result.candidates) <= n
+    check_search_within_budget(result, ledger, budget, n, lm, max_steps)
     # the root's request fits the pool as asked: n children of at most max_tokens each
     assert all(c.params.n * c.params.max_tokens <= pool for c in lm.calls if not c.prompt.assistant_prefix)
-    s = result.search
-    assert s.requests == sum(1 for r in result.trace if r.kind == "continuation")
-    assert s.scoring_calls == sum(1 for r in result.trace if r.kind == "scorer")
-    assert s.steps <= s.round_trips <= 2 * s.steps
-    assert not any(r.kind == "policy" for r in result.trace)
-    assert all(c.params.n <= n for c in lm.calls)
-    assert all(len(c.steps or ()) <= max_steps for c in result.candidates)
