@@ -206,13 +206,18 @@ class MockServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         process, self._process, self._port = self._process, None, None
-        if process is None:
-            return
-        process.terminate()  # SIGTERM: uvicorn shuts down gracefully
-        try:
-            process.wait(_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(_STOP_TIMEOUT_S)
-        if process.stdout is not None:
-            process.stdout.close()
+        if process is not None:
+            stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[str], timeout_s: float = _STOP_TIMEOUT_S) -> None:
+    """Stop a server process: SIGTERM (uvicorn shuts down gracefully), SIGKILL if it does not end in
+    ``timeout_s``, and close the pipe it printed its port on."""
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout_s)
+    if process.stdout is not None:
+        process.stdout.close()

@@ -48,7 +48,7 @@ from typing import Any
 
 import httpx
 
-from apportion.bench.mock_server import MOCK_MODEL, REPLY_TOKENS
+from apportion.bench.mock_server import MOCK_MODEL, REPLY_TOKENS, stop_process
 from apportion.errors import ConfigError
 
 _START_TIMEOUT_S = 60.0
@@ -174,16 +174,8 @@ class TargetServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         process, self._process = self._process, None
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(_STOP_TIMEOUT_S)
-        if process.stdout is not None:
-            process.stdout.close()
+        if process is not None:
+            stop_process(process, _STOP_TIMEOUT_S)
 
 
 def cpu_seconds(pid: int) -> float | None:
