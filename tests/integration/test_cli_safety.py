@@ -71,8 +71,8 @@ def test_extra_choices_are_cut_and_shown():
 
 
 def test_a_failed_call_after_drawn_samples_is_a_partial_answer(tmp_path):
-    # one choice for n=8, then the request for the other seven is refused for good
-    with FakeOpenAI(honor_n=False, faults=["ok", "400"]) as server:
+    # one choice for n=8, then the seven requests for the others are refused for good
+    with FakeOpenAI(honor_n=False, faults=["ok"] + ["400"] * 7) as server:
         proc = run_cli("run", QUESTION, *http(server, "--budget", "8", "--json"))
     out = json.loads(no_traceback(proc).stdout)
     assert proc.returncode == 0
@@ -81,7 +81,7 @@ def test_a_failed_call_after_drawn_samples_is_a_partial_answer(tmp_path):
     assert out["spent"]["input_tokens"] == server.billing.prompt_tokens
     assert "partial" in proc.stderr
     out_file = tmp_path / "a.jsonl"
-    with FakeOpenAI(honor_n=False, faults=["ok", "400"]) as server:
+    with FakeOpenAI(honor_n=False, faults=["ok"] + ["400"] * 7) as server:
         proc = run_cli("run", "--file", str(questions(tmp_path, 2)), "--out", str(out_file),
                        *http(server, "--budget", "8", "--concurrency", "1"))
     assert no_traceback(proc).returncode == 0 and "1 of them partial" in proc.stderr

@@ -47,15 +47,32 @@ async def test_server_ignoring_n_is_made_up_through_the_ledger_with_distinct_see
         metered = MeteredLM(lm, Ledger(Budget(generations=100)))
         completion = await metered.generate(Prompt.chat(QUESTION), SamplingParams(n=4, max_tokens=32, seed=5))
         assert len(completion.samples) == 4
-        assert [b.get("seed") for b in server.billing.bodies] == [5, 6, 7, 8]
-        # three one-choice replies to n > 1 in a row are evidence: the server ignores n
-        assert [b["n"] for b in server.billing.bodies] == [4, 3, 2, 1]
+        assert sorted(b.get("seed") for b in server.billing.bodies) == [5, 6, 7, 8]
+        # one choice for n=4: the other three go out at once, one sample each, in one more round
+        assert [b["n"] for b in server.billing.bodies] == [4, 1, 1, 1]
+        assert "4 of n=4 samples in 4 requests" in completion.notes
+        assert lm.capabilities.native_n is True  # one short reply is not yet evidence
+        for _ in range(2):
+            await metered.generate(Prompt.chat(QUESTION), SamplingParams(n=3, max_tokens=32))
+        # three one-choice replies to n > 1 in a row are: from now on one request per sample
+        assert [b["n"] for b in server.billing.bodies[4:]] == [3, 1, 1] * 2
         assert lm.capabilities.native_n is False
         await metered.generate(Prompt.chat(QUESTION), SamplingParams(n=3, max_tokens=32))
-        assert [b["n"] for b in server.billing.bodies[4:]] == [1, 1, 1]
+        assert [b["n"] for b in server.billing.bodies[10:]] == [1, 1, 1]
         spent = metered.ledger.spend()
-        assert spent.input_tokens == server.billing.prompt_tokens == 7 * (server.billing.prompt_tokens // 7)
-        assert len(metered.ledger.trace) == 7  # every request reserved and settled on its own
+        assert spent.input_tokens == server.billing.prompt_tokens == 13 * (server.billing.prompt_tokens // 13)
+        assert len(metered.ledger.trace) == 13  # every request reserved and settled on its own
+        await lm.aclose()
+
+
+async def test_the_samples_an_ignored_n_left_out_are_asked_for_concurrently():
+    """Two round trips for n=8 on a server that ignores n, whatever it has been seen to do."""
+    with FakeOpenAI(honor_n=False, delay_s=0.2) as server:
+        lm = backend(server, timeout_s=5.0)
+        metered = MeteredLM(lm, Ledger(Budget(generations=100)))
+        completion = await metered.generate(Prompt.chat(QUESTION), SamplingParams(n=8, max_tokens=32))
+        assert len(completion.samples) == 8 and [b["n"] for b in server.billing.bodies] == [8] + [1] * 7
+        assert server.peak_in_flight == 7  # the seven singles were in flight together
         await lm.aclose()
 
 

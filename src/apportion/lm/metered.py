@@ -87,8 +87,12 @@ class MeteredLM:
         pending = list(range(params.n))
         drawn: dict[int, Sample] = {}
         fruitless = timeouts = 0
+        # One choice back for n > 1 is what a server ignoring n sends: the rest of this draw goes
+        # out as concurrent single requests at once (one more round trip, not one per sample
+        # while the backend gathers evidence). They cost what that server charges anyway.
+        singles = False
         while pending:
-            batched = len(pending) == 1 or self.backend.capabilities.native_n
+            batched = len(pending) == 1 or (self.backend.capabilities.native_n and not singles)
             slices = [pending] if batched else [[i] for i in pending]
             grants = self._reserve([len(sl) for sl in slices], prompt_tokens, params, min_tokens)
             if not grants:
@@ -100,6 +104,7 @@ class MeteredLM:
             for indices, r in zip(slices, results):
                 if isinstance(r, Completion):
                     drawn.update(zip(indices, r.samples))
+                    singles = singles or (len(indices) > 1 and len(r.samples) == 1)
                     draw.usage = draw.usage + r.usage
                     for note in r.notes:
                         draw.note(note)
