@@ -42,6 +42,8 @@ def test_bench_replays_the_shared_bank_and_reports_it(tmp_path):
     assert "data:image/png;base64," in page and "by_level" in proc.stdout
     proc = run_cli("report", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "summary.json" in proc.stderr
+    proc = run_cli("report", str(tmp_path / "run"), str(tmp_path / "run"), "--out", str(tmp_path / "both"))
+    assert proc.returncode == 2 and "both measure" in proc.stderr
 
 
 def test_a_bank_without_token_counts_gets_estimated_ones_and_its_stop_rows_a_token_share(tmp_path):

@@ -460,3 +460,25 @@ def test_a_bad_row_is_named_by_its_index(tmp_path: Path) -> None:
     summary["rows"].append(broken)
     with pytest.raises(ConfigError, match=r"row 15 lacks 'algorithm'"):
         load_summary(write_run(tmp_path, summary))
+
+
+def test_a_run_in_pieces_is_reported_as_one(tmp_path: Path, report: ReportFiles) -> None:
+    """The fixture split in two runs (its_hub apart, as a peer run would be) gives the page of the whole."""
+    whole = fixture_summary()
+    ours, peer = copy.deepcopy(whole), copy.deepcopy(whole)
+    ours["rows"] = [r for r in whole["rows"] if r["system"] != "its_hub"]
+    peer["rows"] = [r for r in whole["rows"] if r["system"] == "its_hub"]
+    peer["run"], peer["backend"] = "peer-run", "llama_cpp.server"
+    runs = [write_run(tmp_path / "ours", ours), write_run(tmp_path / "peer", peer)]
+    files = write_report(runs, tmp_path / "both")
+    merged, single = read_tables(files.html.read_text()), read_tables(report.html.read_text())
+    assert sorted(merged["rows"]) == sorted(single["rows"]) and merged["frontier"] == single["frontier"]
+    assert [r[0] for r in merged["frontier"]] == EXPECTED_FRONTIER
+    assert f"{whole['run']} + peer-run" in files.html.read_text()
+    with pytest.raises(ConfigError, match="give --out"):
+        write_report(runs)
+    with pytest.raises(ConfigError, match="both measure its_hub self-consistency at budget 1"):
+        write_report([runs[1], runs[1]], tmp_path / "twice")
+    other = {**peer, "questions": whole["questions"] + 1}
+    with pytest.raises(ConfigError, match="differ in questions"):
+        write_report([runs[0], write_run(tmp_path / "other", other)], tmp_path / "x")

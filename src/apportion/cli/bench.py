@@ -470,16 +470,18 @@ def bench_faults(
 
 @app.command("report")
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `apportion bench`.")],
-    out: Annotated[Path | None, typer.Option(help="Where to write the plots and page (default: RUN_DIR/report).")]
-    = None,
+    run_dirs: Annotated[list[Path], typer.Argument(
+        help="A run directory written by `apportion bench`, or several over the same questions (a grid "
+             "run in pieces), reported side by side.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write the plots and page (default: RUN_DIR/report; "
+                                                  "required with several runs).")] = None,
 ) -> None:
-    """PNG plots and one self-contained HTML page for a benchmark run."""
+    """PNG plots and one self-contained HTML page for a benchmark run (or several side by side)."""
     from apportion.bench.report import write_report  # matplotlib is slow to import: only here
 
     console = Console(stderr=True, soft_wrap=True)
     try:
-        files = write_report(run_dir, out)
+        files = write_report(run_dirs, out)
     except ApportionError as exc:
         fail(console, exc, EXIT_USAGE)
     for path in files.files:

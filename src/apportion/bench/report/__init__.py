@@ -1,6 +1,7 @@
 """Turn a benchmark run directory into PNG plots and one self-contained HTML page.
 
-The input is the ``summary.json`` that ``apportion bench`` writes. Rows sharing
+The input is the ``summary.json`` that ``apportion bench`` writes (or several, over the same
+questions, side by side). Rows sharing
 (system, algorithm, scorer) form one curve over budgets. The plots:
 
 - ``accuracy_vs_budget.png``: accuracy against generations per question, 95% CI bands;
@@ -33,6 +34,7 @@ PNGs, and ``page`` writes the HTML. This module holds
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,14 +53,15 @@ from apportion.bench.report.plots import (
     plot_stopping,
 )
 from apportion.bench.report.stopping import StopFigure, stop_figures
-from apportion.bench.report.summary import LevelFigure, Row, Summary, load_summary
+from apportion.bench.report.summary import LevelFigure, Row, Summary, load_summary, merge_summaries
+from apportion.errors import ConfigError
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType
 
 __all__ = [
     "Curve", "LevelFigure", "ReportFiles", "Row", "StopFigure", "Summary",
-    "build_curves", "curve_anytime", "frontier_rows", "load_summary",
+    "build_curves", "curve_anytime", "frontier_rows", "load_summary", "merge_summaries",
     "pareto_frontier", "point_label", "render_html", "stop_figures", "write_report",
     "plot_accuracy_vs_budget", "plot_accuracy_vs_tokens", "plot_by_level", "plot_pareto", "plot_stopping",
 ]
@@ -87,10 +90,15 @@ class ReportFiles:
         return (self.html, *self.plots)
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> ReportFiles:
-    """Write the plots and ``report.html`` for a run directory; ``out_dir`` defaults to ``run_dir/report``."""
-    summary = load_summary(run_dir)
-    base = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
+def write_report(run_dir: str | Path | Sequence[str | Path], out_dir: str | Path | None = None) -> ReportFiles:
+    """Write the plots and ``report.html`` for a run directory, or for several over the same
+    questions side by side (``merge_summaries``; then ``out_dir`` is required); ``out_dir``
+    defaults to ``run_dir/report``."""
+    runs = [run_dir] if isinstance(run_dir, str | Path) else list(run_dir)
+    if len(runs) > 1 and out_dir is None:
+        raise ConfigError("several runs are reported together into a directory of their own: give --out")
+    summary = merge_summaries([load_summary(r) for r in runs])
+    base = Path(runs[0]) if Path(runs[0]).is_dir() else Path(runs[0]).parent
     out = Path(out_dir) if out_dir is not None else base / "report"
     out.mkdir(parents=True, exist_ok=True)
     curves = build_curves(summary.rows)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,45 @@ def load_summary(run_dir: str | Path) -> Summary:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}")
     return _summary(data, path)
+
+
+def merge_summaries(summaries: Sequence[Summary]) -> Summary:
+    """One summary of several runs over the same questions (a grid run in pieces: more budgets of
+    some algorithms, a peer run apart): their rows side by side. Runs of other datasets, models or
+    question counts, or two runs measuring the same cell, are a ConfigError naming them; the
+    config of each run is kept under its name."""
+    if not summaries:
+        raise ConfigError("no runs to report")
+    if len(summaries) == 1:
+        return summaries[0]
+    first = summaries[0]
+    seen: dict[tuple[str, str, str | None, int, str], str] = {}
+    for summary in summaries:
+        for field in ("dataset", "model", "questions"):
+            if getattr(summary, field) != getattr(first, field):
+                raise ConfigError(f"runs {first.run} and {summary.run} differ in {field} "
+                                  f"({getattr(first, field)!r} against {getattr(summary, field)!r}): "
+                                  "only runs over the same questions are reported together")
+        for row in summary.rows:
+            cell = (row.system, row.algorithm, row.scorer, row.budget, row.mode)
+            if cell in seen:
+                raise ConfigError(f"runs {seen[cell]} and {summary.run} both measure {row.system} "
+                                  f"{row.algorithm} at budget {row.budget}: report them apart")
+            seen[cell] = summary.run
+    estimated = [s.tokens_estimated for s in summaries if s.tokens_estimated]
+    return Summary(
+        version=first.version,
+        run=" + ".join(s.run for s in summaries),
+        dataset=first.dataset,
+        model=first.model,
+        backend=" / ".join(dict.fromkeys(s.backend for s in summaries)),
+        created=max(s.created for s in summaries),
+        questions=first.questions,
+        config={s.run: s.config for s in summaries},
+        rows=tuple(row for s in summaries for row in s.rows),
+        oracle=next((s.oracle for s in summaries if s.oracle), ()),
+        tokens_estimated="; ".join(estimated) or None,
+    )
 
 
 def _summary(data: Mapping[str, Any], path: Path) -> Summary:
