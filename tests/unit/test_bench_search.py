@@ -200,6 +200,31 @@ async def test_a_cut_off_run_resumes_to_the_rows_of_an_uncut_run(tmp_path, cut):
     assert idle.calls == []
 
 
+async def test_journal_only_reports_what_a_cut_off_run_finished_and_runs_nothing(tmp_path):
+    qs = problems(6)
+    run = tmp_path / "cut"
+    with pytest.raises(PowerCut):
+        await run_bench(BenchSpec(qs, grid(), "toy", run), CutOff(17))
+    journaled = [json.loads(line) for line in (run / JOURNAL_FILE).read_text().splitlines()[1:]]
+    by_cell: dict[tuple[str, int], list[dict]] = {}
+    for c in journaled:
+        by_cell.setdefault((c["algorithm"], c["budget"]), []).append(c)
+    assert by_cell and len(journaled) < 3 * 2 * 6
+    idle = ScriptedBackend(writer)
+    outcome = await run_bench(BenchSpec(qs, grid(), "toy", run, journal_only=True), idle)
+    assert idle.calls == []
+    assert {(r.algorithm, r.budget): r.questions for r in outcome.rows} == {k: len(v) for k, v in by_cell.items()}
+    for row in outcome.rows:
+        cell = by_cell[(row.algorithm, row.budget)]
+        assert row.accuracy == pytest.approx(sum(c["right"] for c in cell) / len(cell))
+        assert any(f"cut short: {len(cell)} of 6" in n for n in row.notes) == (len(cell) < 6)
+    skipped = outcome.summary["skipped"]
+    assert len(skipped) == 3 * 2 - len(by_cell) and all("no question journaled" in s for s in skipped)
+    assert (run / JOURNAL_FILE).read_text().count("\n") == len(journaled) + 1  # nothing added
+    with pytest.raises(ConfigError, match="runs nothing"):
+        await run_bench(BenchSpec(qs, grid(live=False), "toy", run, journal_only=True), idle)
+
+
 async def test_a_journal_is_only_resumed_by_the_same_configuration(tmp_path):
     await run_bench(BenchSpec(problems(2), grid(), "toy", tmp_path), ScriptedBackend(writer))
     written = results(tmp_path)

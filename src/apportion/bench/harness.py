@@ -61,6 +61,9 @@ class BenchSpec:
     bank: SampleBank | None = None
     """A bank given up front (``--bank``): nothing is sampled, every cell is replayed."""
     resume: bool = False
+    journal_only: bool = False
+    """Rows of what the journal holds, running nothing (implies ``resume``): a cell cut short is a
+    row over the questions it answered, and says so; a cell never started is left out, and said."""
     peers: tuple[str, ...] = ()
     peer_endpoint: str | None = None
     """"replay" (the bank, identical samples) or "live" (the run's server); default: replay when
@@ -127,10 +130,13 @@ def check_run_dir(out: Path, *, resume: bool) -> None:
 
 
 async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progress | None = None) -> BenchOutcome:
-    check_run_dir(spec.out, resume=spec.resume)
+    check_run_dir(spec.out, resume=spec.resume or spec.journal_only)
     options = spec.options
     replayed = [a for a in options.algorithms if options.replayed(a)]
     live = [a for a in options.algorithms if not options.replayed(a)]
+    if spec.journal_only and ((replayed and spec.bank is None) or spec.peers):
+        raise ConfigError("--journal-only writes the rows of journaled live cells and runs nothing: it goes with "
+                          "--live (or a given --bank) and no --peer")
     if spec.bank is not None and live:
         raise ConfigError(f"a given bank can only be replayed; these need a model: {', '.join(live)} "
                           "(use a replayable scorer, or drop --bank)")
@@ -159,7 +165,7 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
     if live or (spec.peers and _peer_mode(spec, backend, has_bank=bank is not None) == "live"):
         # read (and checked) before anything of the earlier run is rewritten
         journal = LiveJournal(spec.out / JOURNAL_FILE, _journal_meta(spec, backend), spec.problems,
-                              resume=spec.resume)
+                              resume=spec.resume or spec.journal_only)
     sinks = _Sinks(spec.out)
     rows: list[Row] = []
     failures: list[str] = []
@@ -190,9 +196,18 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
             assert backend is not None and journal is not None
             for budget in options.budgets:
                 cell = ("apportion", canonical(algorithm), budget)
-                row, outcomes = await live_cell(backend, spec.problems, algorithm, budget, options,
-                                                equivalence=eq, progress=progress, done=journal.done(cell),
+                done, problems = journal.done(cell), spec.problems
+                if spec.journal_only:
+                    problems = [p for p in spec.problems if p.id in done]
+                    if not problems:
+                        skipped.append(f"{canonical(algorithm)} @{budget}: no question journaled (--journal-only)")
+                        continue
+                row, outcomes = await live_cell(backend, problems, algorithm, budget, options,
+                                                equivalence=eq, progress=progress, done=done,
                                                 record=partial(journal.add, cell))
+                if len(problems) < len(spec.problems):
+                    row = replace(row, notes=(*row.notes, f"cut short: {len(problems)} of {len(spec.problems)} "
+                                                          "questions (--journal-only)"))
                 rows.append(row)
                 sinks.record(row, outcomes)
         if spec.peers:

@@ -84,6 +84,9 @@ def bench(
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<dataset>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(
         help="Continue the run in --out: its sample bank, and its live cells from their journal.")] = False,
+    journal_only: Annotated[bool, typer.Option(
+        help="Write the rows of what the journal in --out holds and run nothing (a long grid stopped "
+             "early: cells cut short are rows over the questions they answered).")] = False,
     concurrency: BenchConcurrencyOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling and replay orders.")] = 0,
     peer: Annotated[list[str] | None, typer.Option(
@@ -233,9 +236,9 @@ def bench(
         if peer_orders < 1:
             raise ConfigError(f"--peer-orders must be >= 1, got {peer_orders}")
         run_dir = out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-        check_run_dir(run_dir, resume=resume)
+        check_run_dir(run_dir, resume=resume or journal_only)
         spec = BenchSpec(problems, options, name, run_dir,
-                         given_bank, resume, peers, peer_endpoint, peer_orders,
+                         given_bank, resume, journal_only, peers, peer_endpoint, peer_orders,
                          tuple(_split(peer_algorithms, "peer-algorithms")) if peer_algorithms else None,
                          Price.parse(price) if price and given_bank is not None else None)
     except ApportionError as exc:
