@@ -389,3 +389,22 @@ def test_a_sampling_field_added_later_leaves_the_journal_header_alone_at_its_def
 
     assert "answers" not in header(SamplingOptions())
     assert header(SamplingOptions(answers="text"))["answers"] == "text"
+
+
+@pytest.mark.parametrize("written, resumes", [("math", True), ("text", False)])
+async def test_a_journal_that_wrote_a_later_field_at_its_default_resumes(tmp_path, written, resumes):
+    """Some journals were written while the header still carried ``answers`` at its default."""
+    qs = problems(2)
+    opts = grid(algorithms=("self-consistency",), budgets=(2,))
+    await run_bench(BenchSpec(qs, opts, "toy", tmp_path), ScriptedBackend(writer))
+    lines = (tmp_path / JOURNAL_FILE).read_text().splitlines()
+    head = json.loads(lines[0])
+    head["sampling"]["answers"] = written
+    (tmp_path / JOURNAL_FILE).write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    again = ScriptedBackend(writer)
+    if resumes:
+        await run_bench(BenchSpec(qs, opts, "toy", tmp_path, resume=True), again)
+        assert again.calls == []
+    else:
+        with pytest.raises(ConfigError, match="sampling"):
+            await run_bench(BenchSpec(qs, opts, "toy", tmp_path, resume=True), again)

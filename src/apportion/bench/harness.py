@@ -165,7 +165,8 @@ async def run_bench(spec: BenchSpec, backend: Backend | None, *, progress: Progr
     if live or (spec.peers and _peer_mode(spec, backend, has_bank=bank is not None) == "live"):
         # read (and checked) before anything of the earlier run is rewritten
         journal = LiveJournal(spec.out / JOURNAL_FILE, _journal_meta(spec, backend), spec.problems,
-                              resume=spec.resume or spec.journal_only)
+                              resume=spec.resume or spec.journal_only,
+                              later_defaults={"sampling": _LATER_SAMPLING_DEFAULTS})
     sinks = _Sinks(spec.out)
     rows: list[Row] = []
     failures: list[str] = []
@@ -291,7 +292,7 @@ async def _draw(spec: BenchSpec, backend: Backend, progress: Progress | None) ->
 
 
 # Sampling fields added after journals were first written: left out at their default, so a journal
-# written before them still resumes (its cells ran at that default).
+# written before them, or one that wrote them at their default, still resumes.
 _LATER_SAMPLING_DEFAULTS = {"answers": "math"}
 
 

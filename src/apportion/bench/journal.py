@@ -35,8 +35,13 @@ class LiveJournal:
     """``with LiveJournal(path, meta, problems, resume=...) as journal``: ``done(cell)`` holds the
     outcomes already journaled for a cell (by question id), ``add(cell, outcome)`` journals one."""
 
-    def __init__(self, path: Path, meta: Mapping[str, Any], problems: list[Problem], *, resume: bool) -> None:
+    def __init__(self, path: Path, meta: Mapping[str, Any], problems: list[Problem], *, resume: bool,
+                 later_defaults: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """``later_defaults``: by header section, fields added after journals were first written,
+        which ``meta`` leaves out at their default; a journal that wrote them at their default
+        (or never knew them) resumes alike."""
         self.path = path
+        self._later = {k: dict(v) for k, v in (later_defaults or {}).items()}
         self._done: dict[Key, dict[str, QuestionOutcome]] = {}
         header = {"journal": JOURNAL_VERSION, **_plain(dict(meta))}
         fresh = not (resume and path.is_file() and path.stat().st_size)
@@ -86,6 +91,9 @@ class LiveJournal:
             head = {}
         if not isinstance(head, dict) or head.get("journal") != JOURNAL_VERSION:
             raise ConfigError(f"cannot resume: {self.path} is not a live-cell journal")
+        for section, defaults in self._later.items():
+            if isinstance(head.get(section), dict):
+                head[section] = {k: v for k, v in head[section].items() if k not in defaults or v != defaults[k]}
         for key, value in header.items():
             if head.get(key) != value:
                 raise ConfigError(f"cannot resume: the journal's cells ran with {key}={head.get(key)!r}, this run has "
