@@ -18,6 +18,12 @@ cd "$(dirname "$0")/.."
 .venv/bin/apportion bench --dataset mawps_singleop --limit 30 --live --budgets 4,8 --model-path "$MODEL" \
   --max-tokens 256 --algorithms $ALGOS --process-scorer judge --beam-width 2 --concurrency 4 \
   --out runs/mawps-search $RESUME
+# Self-consistency at the searches' token spend (budgets 16 and 32), for `apportion report
+# runs/mawps-search runs/mawps-search-wide --out DIR`.
+WIDE_RESUME=$RESUME
+[ -f runs/mawps-search-wide/live.jsonl ] && WIDE_RESUME=--resume
+.venv/bin/apportion bench --dataset mawps_singleop --limit 30 --live --budgets 16,32 --model-path "$MODEL" \
+  --max-tokens 256 --algorithms self-consistency --concurrency 4 --out runs/mawps-search-wide $WIDE_RESUME
 GAME_RESUME=$RESUME
 [ -f runs/game24-search/live.jsonl ] && GAME_RESUME=--resume
 .venv/bin/apportion bench --dataset game24 --limit 30 --live --budgets $GAME_BUDGETS --model-path "$MODEL" \
