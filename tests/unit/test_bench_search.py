@@ -377,18 +377,17 @@ def test_continuation_is_a_server_setting():
         _continued(served, "telepathy")
 
 
-def test_a_sampling_field_added_later_leaves_the_journal_header_alone_at_its_default():
+async def test_a_sampling_field_added_later_leaves_the_journal_header_alone_at_its_default(tmp_path):
     """Journals written before ``SamplingOptions.answers`` existed resume: at its default the field
     is not in the header; set otherwise, it is, so those cells never mix with math-mode ones."""
-    from apportion.bench.harness import _journal_meta
 
-    def header(sampling: SamplingOptions) -> dict:
-        spec = BenchSpec(dataset="mawps_singleop", problems=[], out=Path("unused"),
-                         options=GridOptions(algorithms=("self-consistency",), budgets=(1,), sampling=sampling))
-        return _journal_meta(spec, None)["sampling"]
+    async def header(sampling: SamplingOptions, out: Path) -> dict:
+        opts = grid(algorithms=("self-consistency",), budgets=(1,), sampling=sampling)
+        await run_bench(BenchSpec(problems(1), opts, "toy", out), ScriptedBackend(writer))
+        return json.loads((out / JOURNAL_FILE).read_text().splitlines()[0])["sampling"]
 
-    assert "answers" not in header(SamplingOptions())
-    assert header(SamplingOptions(answers="text"))["answers"] == "text"
+    assert "answers" not in await header(SamplingOptions(max_tokens=64), tmp_path / "math")
+    assert (await header(SamplingOptions(max_tokens=64, answers="text"), tmp_path / "text"))["answers"] == "text"
 
 
 @pytest.mark.parametrize("written, resumes", [("math", True), ("text", False)])

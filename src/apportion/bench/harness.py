@@ -291,18 +291,16 @@ async def _draw(spec: BenchSpec, backend: Backend, progress: Progress | None) ->
     return bank
 
 
-# Sampling fields added after journals were first written: left out at their default, so a journal
-# written before them, or one that wrote them at their default, still resumes.
+# Sampling fields added after journals were first written: the journal leaves them out of its
+# header at their default, so a journal written before them still resumes.
 _LATER_SAMPLING_DEFAULTS = {"answers": "math"}
 
 
 def _journal_meta(spec: BenchSpec, backend: Backend | None) -> dict[str, Any]:
     """What every live outcome depends on beside its cell and question (``bench.journal``)."""
     options = spec.options
-    sampling = {k: v for k, v in asdict(options.sampling).items()
-                if k not in _LATER_SAMPLING_DEFAULTS or v != _LATER_SAMPLING_DEFAULTS[k]}
     return {"dataset": spec.dataset, "model": backend.model if backend is not None else None, "seed": options.seed,
-            "sampling": sampling, "scorer": options.scorer,
+            "sampling": asdict(options.sampling), "scorer": options.scorer,
             "process_scorer": options.process_scorer_name, "search": options.search_dict(), "judge": options.judge}
 
 

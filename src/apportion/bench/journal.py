@@ -37,13 +37,13 @@ class LiveJournal:
 
     def __init__(self, path: Path, meta: Mapping[str, Any], problems: list[Problem], *, resume: bool,
                  later_defaults: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        """``later_defaults``: by header section, fields added after journals were first written,
-        which ``meta`` leaves out at their default; a journal that wrote them at their default
-        (or never knew them) resumes alike."""
+        """``later_defaults``: by header section, fields added after journals were first written.
+        At their default they are left out of the header written and of the one read, so a
+        journal that never knew them, or wrote them at their default, resumes alike."""
         self.path = path
         self._later = {k: dict(v) for k, v in (later_defaults or {}).items()}
         self._done: dict[Key, dict[str, QuestionOutcome]] = {}
-        header = {"journal": JOURNAL_VERSION, **_plain(dict(meta))}
+        header = self._without_later_defaults({"journal": JOURNAL_VERSION, **_plain(dict(meta))})
         fresh = not (resume and path.is_file() and path.stat().st_size)
         if not fresh:
             self._read(header, {p.id: p for p in problems})
@@ -79,6 +79,13 @@ class LiveJournal:
         self._out.write(json.dumps(line, ensure_ascii=False) + "\n")
         self._out.flush()  # each line is on disk when its question is done: a kill loses the running ones only
 
+    def _without_later_defaults(self, header: dict[str, Any]) -> dict[str, Any]:
+        out = dict(header)
+        for section, defaults in self._later.items():
+            if isinstance(out.get(section), dict):
+                out[section] = {k: v for k, v in out[section].items() if k not in defaults or v != defaults[k]}
+        return out
+
     def _read(self, header: dict[str, Any], problems: dict[str, Problem]) -> None:
         data = self.path.read_bytes()
         if not data.endswith(b"\n"):  # killed mid-write: the partial line is dropped, appends start afresh
@@ -91,9 +98,7 @@ class LiveJournal:
             head = {}
         if not isinstance(head, dict) or head.get("journal") != JOURNAL_VERSION:
             raise ConfigError(f"cannot resume: {self.path} is not a live-cell journal")
-        for section, defaults in self._later.items():
-            if isinstance(head.get(section), dict):
-                head[section] = {k: v for k, v in head[section].items() if k not in defaults or v != defaults[k]}
+        head = self._without_later_defaults(head)
         for key, value in header.items():
             if head.get(key) != value:
                 raise ConfigError(f"cannot resume: the journal's cells ran with {key}={head.get(key)!r}, this run has "
