@@ -101,10 +101,11 @@ class MeteredLM:
             results = await self._round(prompt, params, grants, [sl[0] for sl in slices])
             draw.requests += len(grants)
             stop, wait = False, 0.0
-            for indices, r in zip(slices, results):
+            for indices, grant, r in zip(slices, grants, results):
                 if isinstance(r, Completion):
                     drawn.update(zip(indices, r.samples))
-                    singles = singles or (len(indices) > 1 and len(r.samples) == 1)
+                    # asked as granted: a budget that allowed one sample says nothing of the server
+                    singles = singles or (grant.n > 1 and len(r.samples) == 1)
                     draw.usage = draw.usage + r.usage
                     for note in r.notes:
                         draw.note(note)
